@@ -1,0 +1,4 @@
+from kdexp.main import cli
+
+if __name__ == "__main__":
+    cli()

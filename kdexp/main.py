@@ -1,0 +1,76 @@
+"""Entry point: compose, validate, seed, dispatch to a method runner, write results.json, return the metric.
+
+The return value is the task's main metric on the eval split, so Hydra sweepers (Optuna) can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from kdexp import distill, registry, runners
+from kdexp.schema import register_configs, validate
+from kdexp.utils import atomic_write_json, seed_everything
+
+log = logging.getLogger("kdexp")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+RUNNERS = {
+    "b0": runners.run_b0,
+    "kd1": distill.run_kd1,
+    "eval": runners.run_eval,
+}
+
+register_configs()
+
+
+def run(cfg: DictConfig) -> float:
+    """Run one experiment from a composed config (also callable from tests without Hydra's CLI)."""
+    try:
+        validate(cfg)
+        if cfg.method.name not in RUNNERS:
+            raise ValueError(f"method.name={cfg.method.name!r} must be one of {', '.join(RUNNERS)}")
+    except ValueError as err:
+        sys.exit(f"kdexp: config error: {err}")
+    key = registry.run_key(cfg)
+    done = registry.lookup(cfg, key)
+    if done is not None and not cfg.force:
+        log.info("skip: a complete run with this config exists at %s (force=true reruns)", done["_path"])
+        return done["main_metric"]["value"]
+
+    if cfg.hardware.torch_threads:
+        torch.set_num_threads(cfg.hardware.torch_threads)
+    seed_everything(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = runners.base_results(cfg, key)
+    start = time.perf_counter()
+    try:
+        results.update(RUNNERS[cfg.method.name](cfg, out_dir))
+    except ValueError as err:  # bad input found once data/tokenizers are known (e.g. vocabulary mismatch)
+        sys.exit(f"kdexp: error: {err}")
+    results["wall_time_s"] = round(time.perf_counter() - start, 2)
+    results["status"] = "complete"
+    atomic_write_json(out_dir / "results.json", results)
+    registry.record(cfg, key, out_dir / "results.json")
+    main = results["main_metric"]
+    log.info("done in %.1fs: %s %s=%.4f (teacher %s) -> %s", results["wall_time_s"], cfg.method.name, main["name"],
+             main["value"], main["teacher_value"], out_dir / "results.json")
+    return main["value"]
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float:
+    return run(cfg)
+
+
+def cli() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _hydra_main()

@@ -1,0 +1,145 @@
+"""Method runners: each takes the validated config and returns the results dict that main writes.
+
+Every runner shares the same frame (:func:`setup` → train → :func:`finish`): load tokenizers and data, prepare the
+teacher, build the student, train, evaluate both models on the eval split, save the student, assemble results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from kdexp.evaluate import evaluate_model, model_efficiency
+from kdexp.models import build_model, encode, load_tokenizer, same_vocabulary
+from kdexp.registry import versions
+from kdexp.tasks import TaskData, load_task
+from kdexp.teacher import prepare_teacher
+from kdexp.training import train_model, training_args
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    cfg: Any
+    out_dir: Path
+    tokenizer: Any
+    teacher_tokenizer: Any
+    data: TaskData
+    timings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    teacher: Any = None
+    teacher_info: dict = field(default_factory=dict)
+
+
+def check_vocabularies(cfg, tokenizer, teacher_tokenizer) -> None:
+    if cfg.method.needs_shared_vocab and not same_vocabulary(tokenizer, teacher_tokenizer):
+        raise ValueError(
+            f"method={cfg.method.name} needs teacher and student to share a vocabulary, but teacher={cfg.teacher.name}"
+            f" ({len(teacher_tokenizer)} tokens) and student={cfg.student.name} ({len(tokenizer)} tokens) differ;"
+            " pick a tokenizer-compatible pair or a text-level method (b0, kd2)")
+
+
+def setup(cfg, out_dir: Path, need_teacher: bool) -> Context:
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.student)
+    teacher_tokenizer = load_tokenizer(cfg.teacher) if cfg.teacher.tokenizer != cfg.student.tokenizer else tokenizer
+    check_vocabularies(cfg, tokenizer, teacher_tokenizer)
+    data = load_task(cfg.task, unlabeled_samples=cfg.method.get("unlabeled_samples", 0) or 0)
+    ctx = Context(cfg=cfg, out_dir=out_dir, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, data=data)
+    log.info("data: %s train=%d validation=%d eval=%d student=%d unlabeled=%d", cfg.task.name, len(data.train),
+             len(data.validation), len(data.eval), len(data.student), len(data.unlabeled))
+    ctx.timings["setup_s"] = time.perf_counter() - start
+    if need_teacher:
+        start = time.perf_counter()
+        ctx.teacher, ctx.teacher_info = prepare_teacher(cfg, teacher_tokenizer, data)
+        ctx.timings["teacher_prepare_s"] = time.perf_counter() - start
+    return ctx
+
+
+def build_student(ctx: Context):
+    cfg = ctx.cfg
+    return build_model(cfg.student, len(ctx.tokenizer), seed=cfg.seed, hw_cfg=cfg.hardware)
+
+
+def train_b0(ctx: Context, student) -> list[dict]:
+    cfg = ctx.cfg
+    feats = encode(ctx.data.student, ctx.tokenizer, cfg.task)
+    args = training_args(cfg, ctx.out_dir / "trainer")
+    return train_model(student, feats, args, ctx.tokenizer.pad_token_id)
+
+
+def finish(ctx: Context, student, history: list[dict]) -> dict:
+    """Evaluate student (and teacher), save the student, write samples.jsonl; return the results dict."""
+    cfg, out = ctx.cfg, ctx.out_dir
+    start = time.perf_counter()
+    s_metrics, s_preds, s_speed = evaluate_model(student, ctx.tokenizer, ctx.data.eval, cfg.task, cfg.hardware,
+                                                 "student")
+    saved = None
+    if cfg.save_student and cfg.method.train_student:
+        saved = out / "student"
+        student.save_pretrained(saved)
+        ctx.tokenizer.save_pretrained(saved)
+    efficiency = {"student": {**model_efficiency(student, saved or _local_dir(cfg.student.path)), **s_speed}}
+    teacher_metrics, t_preds = None, None
+    if ctx.teacher is not None and cfg.eval_teacher:
+        teacher_metrics, t_preds, t_speed = evaluate_model(ctx.teacher, ctx.teacher_tokenizer, ctx.data.eval,
+                                                           cfg.task, cfg.hardware, "teacher")
+        t_dir = ctx.teacher_info.get("path") or _local_dir(cfg.teacher.path)
+        efficiency["teacher"] = {**model_efficiency(ctx.teacher, t_dir), **t_speed}
+    ctx.timings["evaluate_s"] = time.perf_counter() - start
+    _write_samples(out / "samples.jsonl", ctx.data.eval[: cfg.num_samples], s_preds, t_preds)
+    main = cfg.task.main_metric
+    return {
+        "metrics": s_metrics, "teacher_metrics": teacher_metrics,
+        "main_metric": {"name": main, "value": s_metrics[main],
+                        "teacher_value": teacher_metrics[main] if teacher_metrics else None},
+        "efficiency": efficiency, "teacher_info": ctx.teacher_info,
+        "train_log": [h for h in history if "loss" in h or "train_loss" in h],
+        "data": {"train": len(ctx.data.train), "validation": len(ctx.data.validation), "eval": len(ctx.data.eval),
+                 "student_labelled": len(ctx.data.student), "unlabeled": len(ctx.data.unlabeled)},
+        "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()}, **ctx.extra,
+    }
+
+
+def _local_dir(path: str | None) -> Path | None:
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def _write_samples(path: Path, examples, student_preds, teacher_preds) -> None:
+    with open(path, "w") as f:
+        for i, ex in enumerate(examples):
+            row = {"id": ex.id, "prompt": ex.prompt, "gold": ex.answers, "student": student_preds[i],
+                   "teacher": teacher_preds[i] if teacher_preds else None}
+            f.write(json.dumps(row) + "\n")
+
+
+def run_b0(cfg, out_dir: Path) -> dict:
+    ctx = setup(cfg, out_dir, need_teacher=cfg.eval_teacher)
+    student = build_student(ctx)
+    start = time.perf_counter()
+    history = train_b0(ctx, student)
+    ctx.timings["train_s"] = time.perf_counter() - start
+    return finish(ctx, student, history)
+
+
+def run_eval(cfg, out_dir: Path) -> dict:
+    """No training: evaluate the configured models as they are (hub id, local path, or a saved student)."""
+    ctx = setup(cfg, out_dir, need_teacher=cfg.eval_teacher)
+    return finish(ctx, build_student(ctx), [])
+
+
+def base_results(cfg, key: str) -> dict:
+    return {
+        "status": "running", "run_key": key, "method": cfg.method.name, "task": cfg.task.name,
+        "teacher": cfg.teacher.name, "student": cfg.student.name, "seed": cfg.seed,
+        "config": OmegaConf.to_container(cfg, resolve=True), "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+    }

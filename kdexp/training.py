@@ -1,0 +1,107 @@
+"""Training on answer tokens with HF ``Trainer``: the B0 trainer, and the shared ``train_model`` entry.
+
+``AnswerTrainer`` overrides only the loss and the token counting: the loss is a SUM over answer tokens divided by
+the number of counted tokens in the whole accumulated batch, so gradient accumulation gives the same update as one
+big batch (``loss_is_scaled_for_ga = True`` tells Trainer not to divide again).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+from kdexp.losses import masked_cross_entropy
+from kdexp.models import Feature, answer_logits, collate
+
+log = logging.getLogger(__name__)
+
+
+class FeatureDataset(Dataset):
+    def __init__(self, features: list[Feature]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> Feature:
+        return self.features[i]
+
+
+class AnswerTrainer(Trainer):
+    """B0: cross-entropy on the answer tokens only."""
+
+    loss_is_scaled_for_ga = True
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # Our labels are already aligned with the logits (no causal shift), so count them ourselves.
+        self._ce_count = sum(int(b["labels"].ne(-100).sum()) for b in batches)
+        self._kd_count = sum(int(b["answer_mask"].sum()) for b in batches)
+        return batches, torch.tensor(self._ce_count, device=device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits, outputs = answer_logits(model, inputs)
+        ce = masked_cross_entropy(logits, inputs["labels"], reduction="sum") / max(self._counts()[0], 1)
+        self._log_terms({"ce": ce})
+        return (ce, outputs) if return_outputs else ce
+
+    def _counts(self) -> tuple[int, int]:
+        # Outside the training loop (e.g. evaluate()) Trainer does not call get_batch_samples.
+        return getattr(self, "_ce_count", None) or 1, getattr(self, "_kd_count", None) or 1
+
+    def _log_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        """Accumulate per-term losses between logging steps; ``log`` adds their means to the HF log history."""
+        if not self.model.training:
+            return
+        acc = self.__dict__.setdefault("_term_sums", {})
+        for k, v in terms.items():
+            acc[k] = acc.get(k, 0.0) + float(v.detach()) / self.args.gradient_accumulation_steps
+        self.__dict__["_term_steps"] = self.__dict__.get("_term_steps", 0) + 1 / self.args.gradient_accumulation_steps
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        steps = self.__dict__.pop("_term_steps", 0)
+        sums = self.__dict__.pop("_term_sums", {})
+        if steps and "loss" in logs:
+            logs.update({f"loss_{k}": round(v / steps, 6) for k, v in sums.items()})
+        super().log(logs, *args, **kwargs)
+
+
+def training_args(cfg, out_dir: Path, train_cfg=None, seed: int | None = None, logging_steps=None):
+    train_cfg = train_cfg or cfg.train
+    hw = cfg.hardware
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=train_cfg.batch_size,
+        gradient_accumulation_steps=train_cfg.get("grad_accum", 1),
+        num_train_epochs=train_cfg.epochs,
+        max_steps=train_cfg.get("max_steps", -1),
+        learning_rate=train_cfg.lr,
+        weight_decay=train_cfg.weight_decay,
+        warmup_steps=train_cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+        lr_scheduler_type=train_cfg.get("lr_scheduler", "linear"),
+        logging_steps=logging_steps or train_cfg.get("logging_steps", 10),
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed if seed is None else seed,
+        data_seed=cfg.seed if seed is None else seed,
+        use_cpu=hw.device == "cpu",
+        bf16=hw.dtype == "bfloat16" and hw.device == "cuda",
+        tf32=hw.tf32 if hw.device == "cuda" else None,
+        dataloader_num_workers=hw.dataloader_num_workers,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        **({"activation_checkpointing": True} if hw.gradient_checkpointing else {}),
+    )
+
+
+def train_model(model, features: list[Feature], args: TrainingArguments, pad_id: int,
+                trainer_cls=AnswerTrainer, collator=None, **trainer_kwargs) -> list[dict]:
+    """Train in place; return Trainer's log history (per-step losses, including the per-term ``loss_*``)."""
+    trainer = trainer_cls(model=model, args=args, train_dataset=FeatureDataset(features),
+                          data_collator=collator or (lambda fs: collate(fs, pad_id)), **trainer_kwargs)
+    trainer.train()
+    return trainer.state.log_history

@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from kdexp.main import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+# A tiny, seconds-long setup on real embedded data: the `smoke` experiment preset plus small eval sets.
+SMOKE = ["experiment=smoke"]
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
+    extra = []
+    if tmp_path is not None:
+        extra = [f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides + extra)
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def _make(*overrides: str, out: str = "out"):
+        cfg = compose_cfg(list(overrides), tmp_path)
+        cfg.output_dir = str(tmp_path / out)
+        return cfg
+
+    return _make
+
+
+def run_cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KDEXP_CACHE_DIR": str(cwd / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "kdexp", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
