@@ -1,10 +1,8 @@
 """On-disk teacher cache for logit distillation: top-k logits plus a tail summary that serves every temperature.
 
-Per answer token the cache keeps the teacher's top-k logits (float16, shifted so the row max is 0), their vocab ids
-and a few numbers summarising the remaining ``V - k`` logits, from which the tail's log-sum-exp at any temperature
-is recovered. Reading gives "effective logits" whose tempered softmax is the reconstructed teacher distribution:
-top-k probabilities and tail mass right, tail mass spread uniformly over the tail ids. Format, math and measured
-errors: ``docs/teacher_cache.md``.
+Per answer token: the top-k logits (float16, row max shifted to 0), their ids, and 2 numbers per rank bin of the
+other V - k logits, enough to recover the tail's log-sum-exp at any T. Reading gives effective logits whose tempered
+softmax has the right top-k probabilities and tail mass, the tail spread uniformly. See docs/teacher_cache.md.
 """
 
 from __future__ import annotations
@@ -209,10 +207,6 @@ def _publish(tmp: Path, path: Path, meta: dict, shape: tuple[int, int, int]) -> 
     os.replace(tmp, path)
 
 
-def _meta_diff(stored: dict, expected: dict) -> list[str]:
-    return sorted(k for k in set(stored) | set(expected) if stored.get(k, ...) != expected.get(k, ...))
-
-
 class TeacherCache:
     """Read-only random access to a cache file; the HDF5 handle is opened lazily in each process (DataLoader-safe)."""
 
@@ -281,7 +275,8 @@ def open_teacher_cache(path, *, expected_meta: dict | None = None) -> TeacherCac
     if len(starts) != int(attrs["n_examples"]) or np.any(starts + counts > n_tok):
         raise CacheInvalid(f"teacher cache {path} has an inconsistent example index")
     if expected_meta is not None:
-        diff = _meta_diff(json.loads(attrs["meta"]), json.loads(_meta_json(expected_meta)))
+        stored, expected = json.loads(attrs["meta"]), json.loads(_meta_json(expected_meta))
+        diff = sorted(k for k in stored.keys() | expected.keys() if stored.get(k, ...) != expected.get(k, ...))
         if diff:
             raise CacheInvalid(f"teacher cache {path} was built for another configuration "
                                f"(meta differs in: {', '.join(diff)})")
@@ -389,19 +384,20 @@ def tail_entropy_correction(batch: dict, temperature: float) -> torch.Tensor:
 
 def _forward_kl(teacher_logp: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    p = teacher_logp.exp()
+    return torch.where(p > 0, p * (teacher_logp - student_logp), 0.0).sum(-1)  # 0 log 0 = 0, not nan
 
 
 def cached_forward_kl_error_report(teacher_logits, student_logits, *, top_k, temperatures=(1, 2, 4),
-                                   chunk_rows: int = 256) -> dict[str, float]:
+                                   chunk_rows: int = 64) -> dict[str, float]:
     """Mean |cached - full| forward KL(p_T || p_S) in nats per token, for full logits (N, V) of both models.
 
     The cached loss uses exactly what the cache would store (fp16 top-k + tail summary), the uniform-tail
     reconstruction and ``tail_entropy_correction``; student and teacher are both tempered by T, no T^2 factor.
     """
-    teacher_logits, student_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1]), \
-        student_logits.reshape(-1, student_logits.shape[-1])
-    vocab, total = teacher_logits.shape[-1], {str(t): 0.0 for t in temperatures}
+    vocab = teacher_logits.shape[-1]
+    teacher_logits, student_logits = teacher_logits.reshape(-1, vocab), student_logits.reshape(-1, vocab)
+    total = {f"{t:g}": 0.0 for t in temperatures}
     _check_top_k(top_k, vocab)
     for lo in range(0, teacher_logits.shape[0], chunk_rows):
         teacher, student = teacher_logits[lo:lo + chunk_rows].float(), student_logits[lo:lo + chunk_rows].float()
@@ -410,5 +406,5 @@ def cached_forward_kl_error_report(teacher_logits, student_logits, *, top_k, tem
             full = _forward_kl(F.log_softmax(teacher / t, dim=-1), student, t)
             cached_logp = F.log_softmax(teacher_logits_from_cache(rows, vocab, t) / t, dim=-1)
             cached = _forward_kl(cached_logp, student, t) + tail_entropy_correction(rows, t)
-            total[str(t)] += (cached - full).abs().sum().item()
+            total[f"{t:g}"] += (cached - full).abs().sum().item()
     return {k: v / max(teacher_logits.shape[0], 1) for k, v in total.items()}

@@ -1,6 +1,7 @@
 """Entry point: compose, validate, seed, dispatch to a method runner, write results.json, return the metric.
 
-The return value is the task's main metric on the eval split, so Hydra sweepers (Optuna) can optimise it.
+The return value is the task's main metric on the VALIDATION split: Hydra sweepers (Optuna) optimise what main
+returns, and selection must never see the eval split. Reported numbers come from ``metrics`` (eval) in results.json.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from kdexp import distill, registry, runners
+from kdexp import distill, kd2, kd3, registry, runners, wandb_log
 from kdexp.schema import register_configs, validate
+from kdexp.sweeps import register_resolvers
 from kdexp.utils import atomic_write_json, seed_everything
 
 log = logging.getLogger("kdexp")
@@ -25,10 +27,13 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RUNNERS = {
     "b0": runners.run_b0,
     "kd1": distill.run_kd1,
+    "kd2": kd2.run_kd2,
+    "kd3": kd3.run_kd3,
     "eval": runners.run_eval,
 }
 
 register_configs()
+register_resolvers()
 
 
 def run(cfg: DictConfig) -> float:
@@ -43,7 +48,10 @@ def run(cfg: DictConfig) -> float:
     done = registry.lookup(cfg, key)
     if done is not None and not cfg.force:
         log.info("skip: a complete run with this config exists at %s (force=true reruns)", done["_path"])
-        return done["main_metric"]["value"]
+        if Path(done["_path"]).parent.resolve() != Path(cfg.output_dir).resolve():
+            # A pointer keeps this sweep's directory complete for kdexp.report (e.g. B0 deduplicated across T/alpha).
+            atomic_write_json(Path(cfg.output_dir) / "reused_results.json", {"results": done["_path"], "run_key": key})
+        return done["main_metric"]["validation_value"]
 
     if cfg.hardware.torch_threads:
         torch.set_num_threads(cfg.hardware.torch_threads)
@@ -51,6 +59,7 @@ def run(cfg: DictConfig) -> float:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = runners.base_results(cfg, key)
+    tracker = wandb_log.start(cfg, out_dir)  # None unless logger=wandb
     start = time.perf_counter()
     try:
         results.update(RUNNERS[cfg.method.name](cfg, out_dir))
@@ -60,10 +69,12 @@ def run(cfg: DictConfig) -> float:
     results["status"] = "complete"
     atomic_write_json(out_dir / "results.json", results)
     registry.record(cfg, key, out_dir / "results.json")
+    wandb_log.finish(tracker, results)
     main = results["main_metric"]
-    log.info("done in %.1fs: %s %s=%.4f (teacher %s) -> %s", results["wall_time_s"], cfg.method.name, main["name"],
-             main["value"], main["teacher_value"], out_dir / "results.json")
-    return main["value"]
+    log.info("done in %.1fs: %s eval %s=%.4f (validation %.4f, teacher %s) -> %s", results["wall_time_s"],
+             cfg.method.name, main["name"], main["value"], main["validation_value"], main["teacher_value"],
+             out_dir / "results.json")
+    return main["validation_value"]
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -50,11 +50,15 @@ def same_vocabulary(tok_a, tok_b) -> bool:
     return len(tok_a) == len(tok_b) and tok_a.get_vocab() == tok_b.get_vocab()
 
 
-def build_model(model_cfg, vocab_size: int, seed: int, hw_cfg):
-    """Hub id / local path through AutoModelForCausalLM, or a Llama-style model from ``model_cfg.arch``."""
+def build_model(model_cfg, vocab_size: int, seed: int, hw_cfg, for_training: bool = False):
+    """Hub id / local path through AutoModelForCausalLM, or a Llama-style model from ``model_cfg.arch``.
+
+    A model that will be trained keeps float32 master weights: Trainer's bf16 flag autocasts the compute, whereas
+    bf16 weights would swallow small AdamW updates. Frozen models (teachers, eval) load in the hardware dtype.
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    dtype = DTYPES[hw_cfg.dtype]
+    dtype = torch.float32 if for_training else DTYPES[hw_cfg.dtype]
     if model_cfg.path is not None:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.path, revision=model_cfg.revision, dtype=dtype)
     else:

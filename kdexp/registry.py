@@ -21,10 +21,19 @@ log = logging.getLogger(__name__)
 IGNORED_KEYS = ("output_dir", "force", "cache_dir", "logger")
 
 
+# Method knobs that only distillation reads: a B0 or eval run that differs only in these is the same run, so a
+# `method=b0,kd1 method.temperature=1,2` grid trains each B0 seed once.
+KD_ONLY_KEYS = ("alpha", "temperature", "divergence", "teacher_signal", "top_k", "cache_compression", "cache_path",
+                "chunk_size", "unlabeled_samples")
+
+
 def run_key(cfg) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     for k in IGNORED_KEYS:
         container.pop(k, None)
+    if container["method"]["name"] in ("b0", "eval"):
+        for k in KD_ONLY_KEYS:
+            container["method"].pop(k, None)
     return content_hash(container)
 
 

@@ -66,7 +66,8 @@ def setup(cfg, out_dir: Path, need_teacher: bool) -> Context:
 
 def build_student(ctx: Context):
     cfg = ctx.cfg
-    return build_model(cfg.student, len(ctx.tokenizer), seed=cfg.seed, hw_cfg=cfg.hardware)
+    return build_model(cfg.student, len(ctx.tokenizer), seed=cfg.seed, hw_cfg=cfg.hardware,
+                       for_training=cfg.method.train_student)
 
 
 def train_b0(ctx: Context, student) -> list[dict]:
@@ -94,12 +95,15 @@ def finish(ctx: Context, student, history: list[dict]) -> dict:
                                                            cfg.task, cfg.hardware, "teacher")
         t_dir = ctx.teacher_info.get("path") or _local_dir(cfg.teacher.path)
         efficiency["teacher"] = {**model_efficiency(ctx.teacher, t_dir), **t_speed}
+    # Selection (sweeps, Optuna, early stopping) must never see eval: score the validation split too.
+    v_metrics, _, _ = evaluate_model(student, ctx.tokenizer, ctx.data.validation, cfg.task, cfg.hardware,
+                                     "student-validation")
     ctx.timings["evaluate_s"] = time.perf_counter() - start
     _write_samples(out / "samples.jsonl", ctx.data.eval[: cfg.num_samples], s_preds, t_preds)
     main = cfg.task.main_metric
     return {
-        "metrics": s_metrics, "teacher_metrics": teacher_metrics,
-        "main_metric": {"name": main, "value": s_metrics[main],
+        "metrics": s_metrics, "teacher_metrics": teacher_metrics, "validation_metrics": v_metrics,
+        "main_metric": {"name": main, "value": s_metrics[main], "validation_value": v_metrics[main],
                         "teacher_value": teacher_metrics[main] if teacher_metrics else None},
         "efficiency": efficiency, "teacher_info": ctx.teacher_info,
         "train_log": [h for h in history if "loss" in h or "train_loss" in h],

@@ -74,7 +74,7 @@ def _train_teacher(cfg, tokenizer, data: TaskData, target: Path) -> dict:
     examples = data.train if p.max_train_samples is None else data.train[: p.max_train_samples]
     log.info("teacher: preparing %s on %d %s examples (one time; key %s)", cfg.teacher.name, len(examples),
              cfg.task.name, target.name)
-    model = build_model(cfg.teacher, len(tokenizer), seed=p.seed, hw_cfg=cfg.hardware)
+    model = build_model(cfg.teacher, len(tokenizer), seed=p.seed, hw_cfg=cfg.hardware, for_training=True)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     train_cfg = OmegaConf.create({"batch_size": p.batch_size, "epochs": p.epochs, "lr": p.lr,

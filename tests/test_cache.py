@@ -25,6 +25,15 @@ from kdexp.cache import (
 TEMPERATURES = (0.5, 1, 2, 4, 8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # These ops are small; on a shared 2-core box a second intra-op thread mostly waits for a busy core (measured 9x).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def peaked_logits(n, vocab, seed):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, vocab, generator=g) * 3

@@ -21,7 +21,8 @@ def test_b0_end_to_end(task, make_cfg):
     res = _results(cfg)
     assert res["status"] == "complete" and res["method"] == "b0" and res["task"] == task
     main = "accuracy" if task == "sst2" else "f1"
-    assert res["main_metric"]["name"] == main and res["main_metric"]["value"] == value
+    assert res["main_metric"]["name"] == main and res["main_metric"]["validation_value"] == value
+    assert res["validation_metrics"]["n_eval"] == cfg.task.validation_samples
     assert 0 <= value <= (1 if task == "sst2" else 100)
     assert res["metrics"]["perplexity"] > 1 and res["teacher_metrics"]["perplexity"] > 1
     for role in ("student", "teacher"):
