@@ -1,4 +1,4 @@
-"""Benchmarks that print one JSON object: ``python -m kdexp.bench kd1 [--steps N] [--sweep-runs]``.
+"""Benchmarks that print one JSON object: ``python -m kdexp.bench kd1|kd2|kd3 [--steps N] [--sweep]``.
 
 Timings on a shared 2-core CPU are noisy, so every figure that matters is a ratio measured inside one process with
 interleaved repetitions (b0, kd1-cached, kd1-online, b0, ...) and torch threads pinned. Peak RSS is measured in a
@@ -8,6 +8,7 @@ fresh child process per method, so one method's peak cannot hide another's. Noth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -134,26 +135,35 @@ def loss_error(cfg, ctx, feats, n: int = 512) -> dict:
     }
 
 
-def peak_rss_child(variant: str, steps: int, overrides: list[str], cache_path: Path) -> float:
-    """Run ``steps`` training steps of one variant in a fresh process; return its peak RSS in MB.
+def peak_rss_child(variant: str, steps: int, overrides: list[str], cache_path: Path) -> dict:
+    """Run ``steps`` training steps of one variant in a fresh process; return its memory figures in MB.
 
     Steady state of a sweep job: B0 and cached KD1 never load the teacher (the cache and the transfer-set answers
-    exist already); online KD1 holds it.
+    exist already); online KD1 holds it. ``train_peak_mb`` is the RSS peak sampled during the steps alone, so the
+    start-up peak (imports, data loading) that every variant shares does not hide the difference.
     """
-    code = ("import sys, resource; from kdexp.bench import _rss_main; _rss_main(*sys.argv[1:]);"
-            " print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = "import sys; from kdexp.bench import _rss_main; _rss_main(*sys.argv[1:])"
     out = subprocess.run([sys.executable, "-c", code, variant, str(steps), json.dumps(overrides), str(cache_path)],
                          check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _rss_main(variant: str, steps: str, overrides: str, cache_path: str) -> None:
+    import psutil
+
     from kdexp.cache import open_teacher_cache
+    from kdexp.evaluate import peak_memory
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg, ctx, feats = _context(json.loads(overrides), Path(tmp), need_teacher=variant == "kd1_online")
         cache = open_teacher_cache(cache_path) if variant == "kd1_cached" else None
-        step_only(cfg, ctx, feats, cache, variant, int(steps))
+        baseline = psutil.Process().memory_info().rss / 2**20
+        with peak_memory("cpu") as mem:
+            step_only(cfg, ctx, feats, cache, variant, int(steps))
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak on Linux.
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print(json.dumps({"train_peak_mb": mem["peak_memory_mb"], "before_train_mb": baseline,
+                      "process_peak_mb": hwm / 1024}))
 
 
 def step_only(cfg, ctx, feats, cache, variant, steps):
@@ -211,8 +221,9 @@ def bench_kd1(args) -> dict:
                        "kd1_online_over_b0_step": steps["kd1_online"] / steps["b0"]})
         rss = {v: peak_rss_child(v, args.rss_steps, overrides, tmp / "bench_cache.h5")
                for v in ("b0", "kd1_cached", "kd1_online")}
-        result.update({"peak_rss_mb": rss, "peak_rss_kd1_over_b0": rss["kd1_cached"] / rss["b0"],
-                       "peak_rss_kd1_online_over_b0": rss["kd1_online"] / rss["b0"]})
+        result.update({"peak_rss_mb": rss,
+                       "peak_rss_kd1_over_b0": rss["kd1_cached"]["train_peak_mb"] / rss["b0"]["train_peak_mb"],
+                       "peak_rss_kd1_online_over_b0": rss["kd1_online"]["train_peak_mb"] / rss["b0"]["train_peak_mb"]})
         if args.sweep:
             result.update(sweep_ratio(overrides + args.sweep_overrides, tmp))
     result["load_average_1m"] = os.getloadavg()[0]
@@ -222,15 +233,28 @@ def bench_kd1(args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kdexp.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["kd1"])
+    parser.add_argument("what", choices=["kd1", "kd2", "kd3"])
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per variant")
     parser.add_argument("--rss-steps", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time a 12-run cached vs online KD1 sweep")
     parser.add_argument("--sweep-overrides", nargs="*", default=[
         "task.max_train_samples=200", "method.unlabeled_samples=800", "train.epochs=1"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the benchmarked config")
-    args = parser.parse_args(argv)
-    print(json.dumps(bench_kd1(args), indent=2))
+    args = parser.parse_intermixed_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs: keep stdout one JSON object
+        result = _bench(args)
+    print(json.dumps(result, indent=2))
+
+
+def _bench(args) -> dict:
+    if args.what == "kd1":
+        result = bench_kd1(args)
+    else:  # generation throughput / feature-KD step time and memory: kdexp/bench_kd23.py
+        from kdexp import bench_kd23
+
+        result = (bench_kd23.bench_kd2(overrides=tuple(args.overrides)) if args.what == "kd2"
+                  else bench_kd23.bench_kd3(steps=args.steps, overrides=tuple(args.overrides)))
+    return result
 
 
 if __name__ == "__main__":

@@ -334,13 +334,17 @@ def _tail_terms(rows: dict, temperature: float):
     return lse_top, lse_tail, mean_z, torch.logsumexp(log_n, dim=-1)
 
 
+def shared_tail_logit(batch: dict, vocab_size: int, temperature: float) -> torch.Tensor:
+    """(...,) the one logit every tail id gets, chosen so the tail's total tempered mass equals the stored one."""
+    _, lse_tail, _, _ = _tail_terms(batch, temperature)
+    n_tail = vocab_size - batch["topk_logits"].shape[-1]
+    return temperature * (lse_tail - math.log(n_tail)) if n_tail else torch.zeros_like(lse_tail)
+
+
 def teacher_logits_from_cache(batch: dict, vocab_size: int, temperature: float) -> torch.Tensor:
     """Effective logits z (..., V) float32 with softmax(z / temperature) = reconstructed teacher p_T (this T only)."""
     vals, ids = batch["topk_logits"].float(), batch["topk_ids"].long()
-    _, lse_tail, _, _ = _tail_terms(batch, temperature)
-    n_tail = vocab_size - vals.shape[-1]
-    # One shared logit for the tail ids, chosen so that their total tempered mass equals the stored tail mass.
-    shared = temperature * (lse_tail - math.log(n_tail)) if n_tail else torch.zeros_like(lse_tail)
+    shared = shared_tail_logit(batch, vocab_size, temperature)
     z = shared.unsqueeze(-1).expand(*shared.shape, vocab_size).clone()
     z.scatter_(-1, ids, vals)
     if "cache_mask" in batch:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -22,11 +23,13 @@ from kdexp.cache import (
     collate_cache_rows,
     load_or_build_teacher_cache,
     open_teacher_cache,
+    shared_tail_logit,
     tail_entropy_correction,
     teacher_logits_from_cache,
 )
 from kdexp.losses import forward_kl, masked_cross_entropy, resolve_divergence
 from kdexp.models import Feature, answer_logits, collate, encode
+from kdexp.teacher import task_identity, teacher_identity
 from kdexp.training import AnswerTrainer, train_model, training_args
 from kdexp.utils import atomic_write_json, content_hash, dir_lock
 
@@ -56,18 +59,41 @@ class DistillationTrainer(AnswerTrainer):
         if self.alpha == 0:
             self._log_terms({"ce": ce})
             return (ce, outputs) if return_outputs else ce
-        teacher = self.teacher_logits(inputs)
-        kd = self.divergence(logits, teacher, temperature=self.temperature, mask=inputs["answer_mask"],
-                             reduction="sum", chunk_size=self.chunk_size) / max(n_kd, 1)
-        if "cache_topk_logits" in inputs and self.divergence is forward_kl:
+        rows = {k.removeprefix("cache_"): v for k, v in inputs.items() if k.startswith("cache_")}
+        if rows and self.divergence is forward_kl:
+            kd = cached_forward_kl(logits, rows, temperature=self.temperature, mask=inputs["answer_mask"],
+                                   vocab_size=self.vocab_size)
             # The uniform-tail reconstruction misstates the teacher's entropy, a student-independent constant:
             # correct it so logged (and reported) KD values match the full-vocabulary loss.
-            rows = {k.removeprefix("cache_"): v for k, v in inputs.items() if k.startswith("cache_")}
-            correction = tail_entropy_correction(rows, self.temperature).to(kd.device)
-            kd = kd + (correction * inputs["answer_mask"]).sum() / max(n_kd, 1)
+            kd = (kd + (tail_entropy_correction(rows, self.temperature) * inputs["answer_mask"]).sum()) / max(n_kd, 1)
+        else:
+            kd = self.divergence(logits, self.teacher_logits(inputs), temperature=self.temperature,
+                                 mask=inputs["answer_mask"], reduction="sum", chunk_size=self.chunk_size)
+            kd = kd / max(n_kd, 1)
         loss = (1 - self.alpha) * ce + self.alpha * self.temperature**2 * kd
         self._log_terms({"ce": ce, "kd": kd})
         return (loss, outputs) if return_outputs else loss
+
+
+def cached_forward_kl(student_logits, rows: dict, *, temperature: float, mask, vocab_size: int) -> torch.Tensor:
+    """Σ over masked tokens of KL(p̂_T‖p_S) for a cached teacher, without building the (B, A, V) teacher tensor.
+
+    p̂_T is the uniform-tail reconstruction (top-k exact, every tail id at the shared tail logit c), so
+    KL = Σ_top p̂ (log p̂ − log q) + m_tail · log p̂_c − p̂_c · (Σ_all log q − Σ_top log q); only the student's own
+    log-softmax is vocabulary-sized. Equal to ``forward_kl(student, teacher_logits_from_cache(...))``.
+    """
+    keep = mask.bool()
+    vals, ids = rows["topk_logits"][keep].float() / temperature, rows["topk_ids"][keep].long()
+    tail = shared_tail_logit({k: v[keep] for k, v in rows.items()}, vocab_size, temperature) / temperature
+    n_tail = vocab_size - vals.shape[-1]
+    lse = torch.logsumexp(torch.cat([vals, (tail + math.log(n_tail)).unsqueeze(-1)], -1), -1, keepdim=True)
+    logp_top, logp_tail = vals - lse, tail.unsqueeze(-1) - lse
+    logq = torch.log_softmax(student_logits[keep].float() / temperature, dim=-1)
+    logq_top = logq.gather(-1, ids)
+    tail_logq = logq.sum(-1, keepdim=True) - logq_top.sum(-1, keepdim=True)
+    kl = (logp_top.exp() * (logp_top - logq_top)).sum(-1, keepdim=True)
+    kl = kl + n_tail * logp_tail.exp() * logp_tail - logp_tail.exp() * tail_logq
+    return kl.sum()
 
 
 def cached_collator(cache, pad_id: int):
@@ -100,10 +126,9 @@ def teacher_rows(teacher, features, pad_id: int, batch_size: int):
 def pseudo_targets(ctx, examples) -> list[str]:
     """The teacher's own answers for the unlabelled transfer set (label word / greedy answer), cached on disk."""
     from kdexp.evaluate import classify, generate
-    from kdexp.teacher import task_identity
 
     cfg = ctx.cfg
-    key = content_hash({"teacher": ctx.teacher_info.get("key") or cfg.teacher.path, "task": task_identity(cfg.task),
+    key = content_hash({"teacher": teacher_identity(cfg), "task": task_identity(cfg.task),
                         "ids": [ex.id for ex in examples], "max_new_tokens": cfg.task.max_new_tokens})
     path = Path(cfg.cache_dir) / "pseudo" / f"{key}.json"
     if path.exists():
@@ -137,7 +162,7 @@ def ensure_cache(ctx, feats: list[Feature]):
     cfg, m = ctx.cfg, ctx.cfg.method
     vocab = len(ctx.tokenizer)
     inputs = content_hash([f.prompt_ids + [-1] + f.answer_ids for f in feats])
-    meta = {"teacher": ctx.teacher_info.get("key") or cfg.teacher.path, "inputs": inputs, "n_examples": len(feats),
+    meta = {"teacher": teacher_identity(cfg), "inputs": inputs, "n_examples": len(feats),
             "vocab_size": vocab, "top_k": m.top_k, "task": cfg.task.name, "format": 1}
     path = Path(m.cache_path) if m.cache_path else Path(cfg.cache_dir) / "teacher_cache" / f"{content_hash(meta)}.h5"
     if m.cache_path:

@@ -47,12 +47,14 @@ def classify(model, tokenizer, examples, task_cfg, batch_size) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, examples: list[Example], task_cfg, batch_size: int) -> list[str]:
-    """Greedy decoding until EOS or a newline (the prompt format puts one answer on one line)."""
+def decode_answers(model, tokenizer, examples: list[Example], task_cfg, batch_size: int,
+                   generation_kwargs: dict) -> tuple[list[str], int]:
+    """Decode one answer per prompt (left-padded batches; stops at EOS or a newline, since the prompt format puts
+    one answer on one line); return the answers and the number of generated tokens up to and including the stop."""
     device = next(model.parameters()).device
     stop = [tokenizer.eos_token_id] + tokenizer("\n", add_special_tokens=False)["input_ids"][:1]
     prompts = encode(examples, tokenizer, task_cfg, targets=[""] * len(examples))
-    outputs = []
+    answers, n_tokens = [], 0
     for chunk in _batches(prompts, batch_size, "generate"):
         length = max(len(f.prompt_ids) for f in chunk)
         ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
@@ -60,12 +62,19 @@ def generate(model, tokenizer, examples: list[Example], task_cfg, batch_size: in
         for row, f in enumerate(chunk):
             ids[row, length - len(f.prompt_ids):] = torch.tensor(f.prompt_ids)
             mask[row, length - len(f.prompt_ids):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=task_cfg.max_new_tokens, eos_token_id=stop,
-                             pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
-        outputs.extend(t.split("\n")[0].strip() for t in texts)
-    return outputs
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id, **generation_kwargs)
+        new = out[:, length:].cpu()
+        stopped = torch.isin(new, torch.tensor(stop))
+        n_tokens += int(torch.where(stopped.any(1), stopped.int().argmax(1) + 1, new.shape[1]).sum())
+        answers.extend(t.split("\n")[0].strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    return answers, n_tokens
+
+
+def generate(model, tokenizer, examples: list[Example], task_cfg, batch_size: int) -> list[str]:
+    """Greedy answers, as evaluation scores them."""
+    greedy = {"do_sample": False, "max_new_tokens": task_cfg.max_new_tokens}
+    return decode_answers(model, tokenizer, examples, task_cfg, batch_size, greedy)[0]
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from kdexp import distill, kd2, kd3, registry, runners, wandb_log
+from kdexp import distill, distributed, kd2, kd3, registry, resilience, runners, wandb_log
 from kdexp.schema import register_configs, validate
 from kdexp.sweeps import register_resolvers
 from kdexp.utils import atomic_write_json, seed_everything
@@ -40,6 +40,7 @@ def run(cfg: DictConfig) -> float:
     """Run one experiment from a composed config (also callable from tests without Hydra's CLI)."""
     try:
         validate(cfg)
+        distributed.setup_launch(cfg)
         if cfg.method.name not in RUNNERS:
             raise ValueError(f"method.name={cfg.method.name!r} must be one of {', '.join(RUNNERS)}")
     except ValueError as err:
@@ -59,16 +60,20 @@ def run(cfg: DictConfig) -> float:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = runners.base_results(cfg, key)
-    tracker = wandb_log.start(cfg, out_dir)  # None unless logger=wandb
+    tracker = wandb_log.start(cfg, out_dir) if distributed.is_main_process() else None  # None unless logger=wandb
     start = time.perf_counter()
     try:
-        results.update(RUNNERS[cfg.method.name](cfg, out_dir))
+        # hardware=ddp: ranks other than 0 write into a throwaway directory, never results/registry/W&B.
+        results.update(RUNNERS[cfg.method.name](cfg, distributed.rank_output_dir(out_dir)))
     except ValueError as err:  # bad input found once data/tokenizers are known (e.g. vocabulary mismatch)
         sys.exit(f"kdexp: error: {err}")
+    if not distributed.is_main_process():
+        return results["main_metric"]["validation_value"]
     results["wall_time_s"] = round(time.perf_counter() - start, 2)
     results["status"] = "complete"
     atomic_write_json(out_dir / "results.json", results)
     registry.record(cfg, key, out_dir / "results.json")
+    resilience.clear_checkpoints(cfg, key)  # train.save_steps: the run is complete, nothing left to resume
     wandb_log.finish(tracker, results)
     main = results["main_metric"]
     log.info("done in %.1fs: %s eval %s=%.4f (validation %.4f, teacher %s) -> %s", results["wall_time_s"],
@@ -85,3 +90,4 @@ def _hydra_main(cfg: DictConfig) -> float:
 def cli() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _hydra_main()
+    distributed.exit_launched_process()  # torchrun: exit 0 before gloo's teardown can abort a finished run

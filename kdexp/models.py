@@ -58,9 +58,15 @@ def build_model(model_cfg, vocab_size: int, seed: int, hw_cfg, for_training: boo
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    from kdexp.lora import quantization_kwargs
+
     dtype = torch.float32 if for_training else DTYPES[hw_cfg.dtype]
     if model_cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, revision=model_cfg.revision, dtype=dtype)
+        quantized = quantization_kwargs(model_cfg, hw_cfg)  # bitsandbytes (checked at compose time, kdexp/lora.py)
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, revision=model_cfg.revision, dtype=dtype,
+                                                     **quantized)
+        if quantized:
+            return model  # already on hw_cfg.device; bitsandbytes models refuse .to()
     else:
         arch = model_cfg.arch
         config = LlamaConfig(
@@ -101,6 +107,9 @@ def encode(examples: list[Example], tokenizer, task_cfg, targets: list[str] | No
     keeps the question and the "Answer:" cue the model must continue.
     """
     targets = targets if targets is not None else [ex.target for ex in examples]
+    # The prompt ends right before the answer ("...Answer:"); the answer's BPE tokens must carry the separating
+    # space, as generation produces them (" Denver", not "Denver").
+    targets = [t if t[:1].isspace() else " " + t for t in targets]
     prompts = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
     answers = tokenizer(targets, add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if task_cfg.append_eos else []

@@ -17,10 +17,12 @@ import torch
 from omegaconf import OmegaConf
 
 from kdexp.evaluate import evaluate_model, model_efficiency
+from kdexp.lora import merged_student, wrap_student
 from kdexp.models import build_model, encode, load_tokenizer, same_vocabulary
 from kdexp.registry import versions
+from kdexp.resilience import teacher_with_fallback
+from kdexp.stages import stage_results
 from kdexp.tasks import TaskData, load_task
-from kdexp.teacher import prepare_teacher
 from kdexp.training import train_model, training_args
 
 log = logging.getLogger(__name__)
@@ -59,15 +61,20 @@ def setup(cfg, out_dir: Path, need_teacher: bool) -> Context:
     ctx.timings["setup_s"] = time.perf_counter() - start
     if need_teacher:
         start = time.perf_counter()
-        ctx.teacher, ctx.teacher_info = prepare_teacher(cfg, teacher_tokenizer, data)
+        # teacher.fallback: an out-of-memory teacher is replaced once by the fallback preset (kdexp/resilience.py).
+        ctx.teacher, ctx.teacher_info, ctx.teacher_tokenizer = teacher_with_fallback(cfg, tokenizer, teacher_tokenizer,
+                                                                                     data)
+        if ctx.teacher_info.get("fallback_used"):
+            ctx.extra["teacher"] = cfg.teacher.name
         ctx.timings["teacher_prepare_s"] = time.perf_counter() - start
     return ctx
 
 
 def build_student(ctx: Context):
     cfg = ctx.cfg
-    return build_model(cfg.student, len(ctx.tokenizer), seed=cfg.seed, hw_cfg=cfg.hardware,
-                       for_training=cfg.method.train_student)
+    student = build_model(cfg.student, len(ctx.tokenizer), seed=cfg.seed, hw_cfg=cfg.hardware,
+                          for_training=cfg.method.train_student)
+    return wrap_student(student, cfg) if cfg.student.lora.enabled else student
 
 
 def train_b0(ctx: Context, student) -> list[dict]:
@@ -80,6 +87,7 @@ def train_b0(ctx: Context, student) -> list[dict]:
 def finish(ctx: Context, student, history: list[dict]) -> dict:
     """Evaluate student (and teacher), save the student, write samples.jsonl; return the results dict."""
     cfg, out = ctx.cfg, ctx.out_dir
+    student = merged_student(ctx, student)  # LoRA: evaluate, measure and save the merged standalone model
     start = time.perf_counter()
     s_metrics, s_preds, s_speed = evaluate_model(student, ctx.tokenizer, ctx.data.eval, cfg.task, cfg.hardware,
                                                  "student")
@@ -109,7 +117,7 @@ def finish(ctx: Context, student, history: list[dict]) -> dict:
         "train_log": [h for h in history if "loss" in h or "train_loss" in h],
         "data": {"train": len(ctx.data.train), "validation": len(ctx.data.validation), "eval": len(ctx.data.eval),
                  "student_labelled": len(ctx.data.student), "unlabeled": len(ctx.data.unlabeled)},
-        "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()}, **ctx.extra,
+        "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()}, **stage_results(history), **ctx.extra,
     }
 
 

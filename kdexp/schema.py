@@ -53,11 +53,32 @@ class ModelConfig:
     init_seed: int | None = None
     # Layer / hidden sizes used by presets for documentation and checks of hub models; informational.
     family: str = "llama"
+    # none | 4bit | 8bit: load through bitsandbytes (CUDA only; checked before loading, kdexp/lora.py).
+    quantization: str = "none"
+
+
+@dataclass
+class LoraConfig:
+    """Train a LoRA adapter instead of the full student (peft); merged into a standalone student after training."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Module name suffixes (peft semantics); every entry must match a module of the student.
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class TeacherConfig(ModelConfig):
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    # Teacher preset (conf/teacher/<name>.yaml) retried once if this one runs out of memory (kdexp/resilience.py).
+    fallback: str | None = None
 
 
 @dataclass
@@ -80,6 +101,21 @@ class TaskConfig:
     max_new_tokens: int = 32
     # Default size of the KD transfer set (method.unlabeled_samples) for this task.
     unlabeled_samples: int = 0
+    # How many train examples a tiny teacher is prepared on (teacher.prepare.max_train_samples); null = all.
+    teacher_train_samples: int | None = None
+
+
+@dataclass
+class DecodingConfig:
+    """How the KD2 teacher answers generative prompts (classification tasks always take the best label word)."""
+
+    strategy: str = "greedy"  # greedy | beam | sample
+    num_beams: int = 4  # beam only
+    temperature: float = 1.0  # sample only
+    top_p: float = 1.0  # sample only (nucleus; top-k filtering is off)
+    # null = task.max_new_tokens
+    max_new_tokens: int | None = None
+    seed: int = 0  # sample only: sampled generations are reproducible, so they can be cached
 
 
 @dataclass
@@ -101,6 +137,19 @@ class MethodConfig:
     chunk_size: int | None = None
     # Extra training prompts without gold labels, on which only the KD term applies (a transfer set).
     unlabeled_samples: int = 0
+    # KD2 (sequence-level KD, docs/methods.md): L = gold_mix CE(gold) + (1 - gold_mix) CE(teacher output).
+    gold_mix: float = 0.0
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    # KD3 (feature KD, docs/methods.md): L = w_ce CE + w_kl T^2 D(p_T || p_S) + w_feat feature_loss.
+    w_ce: float = 0.5
+    w_kl: float = 0.5
+    w_feat: float = 1.0
+    # "auto" or [[student_layer, teacher_layer], ...]; hidden_states index, 0 = embeddings, i = output of layer i.
+    layer_map: Any = "auto"
+    include_embeddings: bool = False  # auto only: also pair the embeddings [0, 0]
+    feature_loss: str = "mse"  # mse | cosine
+    feature_tokens: str = "all"  # all (non-pad prompt + answer tokens) | answer (positions that predict the answer)
+    feature_norm: str = "none"  # none | layernorm (parameter-free standardisation of each token vector)
 
 
 @dataclass
@@ -114,6 +163,22 @@ class TrainConfig:
     lr_scheduler: str = "linear"
     max_steps: int = -1
     logging_steps: int = 10
+    # > 0: checkpoint every N optimizer steps under <cache_dir>/checkpoints/<run_key>; a rerun resumes from there.
+    save_steps: int = 0
+
+
+@dataclass
+class ParamGroupRule:
+    pattern: str = MISSING  # re.search on the parameter name; the first matching rule wins
+    lr_multiplier: float = 1.0  # 0 freezes the parameter
+    weight_decay: float | None = None  # null = train.weight_decay (0 for biases and norm weights)
+
+
+@dataclass
+class OptimConfig:
+    """Per-parameter learning rates / weight decay by regex (kdexp/param_groups.py, docs/training_controls.md)."""
+
+    param_groups: list[ParamGroupRule] = field(default_factory=list)
 
 
 @dataclass
@@ -127,23 +192,53 @@ class HardwareConfig:
     # Pin torch intra-op threads so timings are comparable; None leaves torch's default.
     torch_threads: int | None = None
     eval_batch_size: int = 64
+    # Runs under torchrun / accelerate launch (HF Trainer DDP); only rank 0 writes results (kdexp/distributed.py).
+    distributed: bool = False
+
+
+@dataclass
+class StageSpec:
+    """One stage of ``stage.stages``; null fields inherit the top-level ``train`` / ``optim`` values."""
+
+    name: str = ""
+    epochs: float | None = None
+    lr: float | None = None
+    param_groups: list[ParamGroupRule] | None = None
+    # Loss weights of the method for this stage: alpha (kd1), gold_mix (kd2), w_ce / w_kl / w_feat (kd3).
+    loss: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class StageConfig:
     name: str = MISSING
-    stages: list[Any] = field(default_factory=list)
+    # Empty for stage=single (one stage from `train`); any other preset must list its stages (kdexp/stages.py).
+    stages: list[StageSpec] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking on top of the local results.json (always written). ``none`` or ``wandb``."""
+
+    name: str = "none"
+    project: str = "kdexp"
+    entity: str | None = None
+    # online | offline | disabled; null = online when WANDB_API_KEY is set, else offline (sync later).
+    mode: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Config:
     teacher: TeacherConfig = MISSING
-    student: ModelConfig = MISSING
+    student: StudentConfig = MISSING
     task: TaskConfig = MISSING
     method: MethodConfig = MISSING
     hardware: HardwareConfig = MISSING
     stage: StageConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Not part of the run key (registry.IGNORED_KEYS): where results are mirrored, not what is computed.
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment: str | None = None
     seed: int = 42
     force: bool = False
@@ -166,7 +261,12 @@ CHOICES = {
     "hardware.dtype": ("float32", "bfloat16", "float16"),
     "train.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
     "method.teacher_signal": ("cached", "online"),
+    "logger.name": ("none", "wandb"),
     "method.cache_compression": ("lzf", "gzip", "none"),
+    "method.decoding.strategy": ("greedy", "beam", "sample"),
+    "method.feature_loss": ("mse", "cosine"),
+    "method.feature_tokens": ("all", "answer"),
+    "method.feature_norm": ("none", "layernorm"),
 }
 
 
@@ -204,6 +304,10 @@ def validate(cfg: DictConfig) -> None:
     _fraction(cfg, ["train.warmup_ratio", "teacher.prepare.warmup_ratio", "method.alpha"])
     _positive(cfg, ["method.temperature", "method.top_k", "method.chunk_size"])
     _positive(cfg, ["method.unlabeled_samples"], strict=False)
+    _positive(cfg, ["method.decoding.num_beams", "method.decoding.temperature", "method.decoding.top_p",
+                    "method.decoding.max_new_tokens"])
+    _fraction(cfg, ["method.gold_mix", "method.decoding.top_p"])
+    _positive(cfg, ["method.w_ce", "method.w_kl", "method.w_feat"], strict=False)
     from kdexp.losses import resolve_divergence  # torch import: only once the cheap checks passed
 
     resolve_divergence(cfg.method.divergence)
@@ -218,8 +322,22 @@ def validate(cfg: DictConfig) -> None:
                         "teacher.prepare.max_train_samples"])
     if cfg.hardware.torch_threads is not None:
         _positive(cfg, ["hardware.torch_threads"])
+    if cfg.logger.mode not in (None, "online", "offline", "disabled"):
+        _fail("logger.mode", cfg.logger.mode, "must be one of online, offline, disabled, null")
+    if cfg.logger.name == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            _fail("logger.name", "wandb", "needs the wandb package: pip install -e '.[wandb]'")
     if cfg.task.max_answer_tokens + cfg.task.max_prompt_tokens > min(
         cfg.student.arch.max_position_embeddings, cfg.teacher.arch.max_position_embeddings
     ) and cfg.student.path is None:
         _fail("task.max_prompt_tokens", cfg.task.max_prompt_tokens,
               "plus task.max_answer_tokens must fit in the tiny models' arch.max_position_embeddings")
+    if cfg.method.name == "kd3":
+        from kdexp.kd3 import check_kd3_config  # layer map against the architectures, weights, teacher signal
+
+        check_kd3_config(cfg)
+    from kdexp.controls import check_training_controls  # param groups, stages, LoRA, quantization, fallback
+
+    check_training_controls(cfg)

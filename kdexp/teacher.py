@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from kdexp.models import build_model, encode, load_saved, tokenizer_source
+from kdexp.models import build_model, encode, load_saved
 from kdexp.tasks import TaskData
 from kdexp.training import train_model, training_args
 from kdexp.utils import atomic_write_json, content_hash, dir_lock
@@ -32,7 +32,8 @@ def teacher_spec(cfg) -> dict:
     t = OmegaConf.to_container(cfg.teacher, resolve=True)
     return {
         "model": {k: t[k] for k in ("path", "revision", "arch", "init_seed")},
-        "tokenizer": tokenizer_source(cfg.teacher) if t["tokenizer"] else t["path"],
+        # The configured name, not the resolved path: the embedded tokenizer lives wherever kdexp is installed.
+        "tokenizer": t["tokenizer"] or t["path"],
         "task": task_identity(cfg.task),
         "prepare": t["prepare"],
         "dtype": cfg.hardware.dtype,
@@ -41,9 +42,16 @@ def teacher_spec(cfg) -> dict:
 
 
 def teacher_key(cfg) -> str:
-    spec = teacher_spec(cfg)
-    # Local tokenizer folders are hashed by their path string: the embedded one ships with kdexp.
-    return content_hash(spec)
+    return content_hash(teacher_spec(cfg))
+
+
+def teacher_identity(cfg) -> str:
+    """What determines the teacher's outputs, without loading it: the prepared-teacher key or the model source."""
+    if cfg.teacher.prepare.enabled:
+        return teacher_key(cfg)
+    if cfg.teacher.path is None and cfg.teacher.init_seed is None:  # random weights drawn from the run seed
+        return content_hash({**teacher_spec(cfg), "seed": cfg.seed})
+    return cfg.teacher.path or content_hash(teacher_spec(cfg))
 
 
 def prepare_teacher(cfg, tokenizer, data: TaskData):

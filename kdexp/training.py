@@ -11,11 +11,13 @@ import logging
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from kdexp.losses import masked_cross_entropy
 from kdexp.models import Feature, answer_logits, collate
+from kdexp.stages import RunArguments, train_stages, with_controls
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +69,15 @@ class AnswerTrainer(Trainer):
         sums = self.__dict__.pop("_term_sums", {})
         if steps and "loss" in logs:
             logs.update({f"loss_{k}": round(v / steps, 6) for k, v in sums.items()})
+        logs["stage"] = getattr(self.args, "stage_index", 0)  # multi-stage runs: every logged metric names its stage
         super().log(logs, *args, **kwargs)
 
 
 def training_args(cfg, out_dir: Path, train_cfg=None, seed: int | None = None, logging_steps=None):
+    student = train_cfg is None
     train_cfg = train_cfg or cfg.train
     hw = cfg.hardware
-    return TrainingArguments(
+    args = RunArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=train_cfg.batch_size,
         gradient_accumulation_steps=train_cfg.get("grad_accum", 1),
@@ -85,7 +89,9 @@ def training_args(cfg, out_dir: Path, train_cfg=None, seed: int | None = None, l
         lr_scheduler_type=train_cfg.get("lr_scheduler", "linear"),
         logging_steps=logging_steps or train_cfg.get("logging_steps", 10),
         save_strategy="no",
-        report_to=[],
+        # Only the student's training reports (teacher preparation passes its own train_cfg): with logger=wandb the
+        # Trainer's WandbCallback logs the loss curves into the run kdexp.wandb_log.start opened.
+        report_to=["wandb"] if student and OmegaConf.select(cfg, "logger.name") == "wandb" else [],
         seed=cfg.seed if seed is None else seed,
         data_seed=cfg.seed if seed is None else seed,
         use_cpu=hw.device == "cpu",
@@ -96,12 +102,13 @@ def training_args(cfg, out_dir: Path, train_cfg=None, seed: int | None = None, l
         disable_tqdm=False,
         **({"activation_checkpointing": True} if hw.gradient_checkpointing else {}),
     )
+    # Param groups, stages and checkpoints are the student's (teacher preparation passes its own train_cfg).
+    return with_controls(cfg, args) if student else args
 
 
 def train_model(model, features: list[Feature], args: TrainingArguments, pad_id: int,
                 trainer_cls=AnswerTrainer, collator=None, **trainer_kwargs) -> list[dict]:
-    """Train in place; return Trainer's log history (per-step losses, including the per-term ``loss_*``)."""
-    trainer = trainer_cls(model=model, args=args, train_dataset=FeatureDataset(features),
-                          data_collator=collator or (lambda fs: collate(fs, pad_id)), **trainer_kwargs)
-    trainer.train()
-    return trainer.state.log_history
+    """Train in place, stage by stage (kdexp/stages.py); return Trainer's log history (per-step losses, including the
+    per-term ``loss_*``, each tagged with its ``stage``) and one ``stage_summary`` entry per stage."""
+    return train_stages(model, FeatureDataset(features), args, collator or (lambda fs: collate(fs, pad_id)),
+                        trainer_cls, trainer_kwargs)

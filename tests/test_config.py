@@ -61,7 +61,7 @@ def test_typo_key_is_rejected_at_compose(tmp_path):
 def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     bad = run_cli("train.lr=-1", cwd=tmp_path)
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines()[-1] == "kdexp: config error: train.lr=-1 must be > 0"
+    assert bad.stderr.strip().splitlines()[-1] == "kdexp: config error: train.lr=-1.0 must be > 0"
     assert not list(tmp_path.rglob("results.json"))
     unknown = run_cli("method=kd9", cwd=tmp_path)
     assert unknown.returncode != 0 and "Available options" in unknown.stderr and "b0" in unknown.stderr

@@ -1,0 +1,109 @@
+"""Fair comparison driver: ``python -m kdexp.fair_compare [--methods b0,kd1] [--trials 10] [--seeds ...] [OVERRIDES]``.
+
+Every method, B0 included, gets the same budget: ``--trials`` Optuna trials on the VALIDATION split over its own
+knobs, taken from the ``experiment=fair_compare`` search space (B0 and eval drop the KD-only ones). Each method's
+best configuration is then re-run with ``--seeds`` and compared on the EVAL split by ``kdexp.report``. Stages run as
+``python -m kdexp --multirun`` subprocesses under ``OUT/tune/<method>`` and ``OUT/final/<method>``; ``OUT`` holds
+the ``fair_compare.json`` manifest that tells the report which protocol produced the final runs (tuning trials are
+not reported). Re-running the same command resumes: the Optuna studies and the run registry skip finished work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from kdexp.registry import KD_ONLY_KEYS
+from kdexp.utils import atomic_write_json
+
+DEFAULT_SEEDS = "42,123,456,789,2024"
+
+
+def search_space(experiment: str, config_dir: str | None, overrides: list[str]) -> dict[str, str]:
+    from hydra import compose, initialize_config_dir
+
+    from kdexp.main import CONF_DIR  # registers the schema and resolvers
+
+    extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}", *extra, *overrides],
+                      return_hydra_config=True)
+    space = dict(cfg.hydra.sweeper.get("params") or {})
+    if not space:
+        raise ValueError(f"experiment={experiment} has no hydra.sweeper.params search space")
+    return space
+
+
+def method_space(method: str, space: dict[str, str]) -> dict[str, str]:
+    """A method's own knobs: B0 and eval ignore the KD-only ones, so tuning them would waste B0's trials."""
+    if method in ("b0", "eval"):
+        return {k: v for k, v in space.items() if k.removeprefix("method.") not in KD_ONLY_KEYS}
+    return space
+
+
+def _kdexp(args: list[str], config_dir: str | None) -> None:
+    cmd = [sys.executable, "-m", "kdexp", "--multirun", *(["--config-dir", config_dir] if config_dir else []), *args]
+    print("+ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode:
+        raise SystemExit(f"kdexp.fair_compare: stage failed (exit {proc.returncode}): {' '.join(args)}")
+
+
+def best_params(tune_dir: Path) -> dict:
+    results = yaml.safe_load((tune_dir / "optimization_results.yaml").read_text())
+    return {"params": results["best_params"], "validation_value": results["best_value"]}
+
+
+def run_protocol(opts: argparse.Namespace, overrides: list[str]) -> Path:
+    out = Path(opts.out or f"multirun/fair_compare/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
+    methods, seeds = opts.methods.split(","), opts.seeds.split(",")
+    space = search_space(opts.experiment, opts.config_dir, overrides)
+    manifest = {"protocol": "fair_compare", "experiment": opts.experiment, "trials": opts.trials, "seeds": seeds,
+                "methods": methods, "overrides": overrides,
+                "search_space": {m: method_space(m, space) for m in methods}, "best": {}}
+    atomic_write_json(out / "fair_compare.json", manifest)
+    for method in methods:
+        tune = out / "tune" / method
+        _kdexp([f"experiment={opts.experiment}", f"method={method}", "hydra/sweeper=kdexp_optuna",
+                "hydra.sweeper.params=null", f"hydra.sweeper.n_trials={opts.trials}", f"hydra.sweep.dir={tune}",
+                *(f"{k}={v}" for k, v in manifest["search_space"][method].items()), *overrides], opts.config_dir)
+        manifest["best"][method] = best_params(tune)
+        atomic_write_json(out / "fair_compare.json", manifest)
+    for method in methods:
+        best = manifest["best"][method]["params"]
+        _kdexp([f"experiment={opts.experiment}", f"method={method}", "hydra/sweeper=basic",
+                "hydra.sweeper.params=null", f"hydra.sweep.dir={out / 'final' / method}",
+                *(f"{k}={v}" for k, v in best.items()), f"seed={','.join(seeds)}", *overrides], opts.config_dir)
+    from kdexp.report import build
+
+    return build([out], out / "report")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdexp.fair_compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="b0,kd1", help="comma-separated methods, B0 included (default b0,kd1)")
+    parser.add_argument("--trials", type=int, default=10, help="Optuna trials per method on validation (default 10)")
+    parser.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"seeds of the final runs (default {DEFAULT_SEEDS})")
+    parser.add_argument("--out", default=None, help="output directory (default multirun/fair_compare/<time>)")
+    parser.add_argument("--experiment", default="fair_compare", help="preset holding the search space")
+    parser.add_argument("--config-dir", default=None, help="extra Hydra config directory (as kdexp's --config-dir)")
+    opts, overrides = parser.parse_known_args(argv)
+    if opts.trials < 1:
+        sys.exit(f"kdexp.fair_compare: error: --trials={opts.trials} must be >= 1")
+    if len(opts.seeds.split(",")) < 2:
+        sys.exit(f"kdexp.fair_compare: error: --seeds={opts.seeds} needs at least 2 seeds for a paired test")
+    try:
+        out = run_protocol(opts, overrides)
+    except ValueError as err:
+        sys.exit(f"kdexp.fair_compare: error: {err}")
+    print(f"report: {out / 'index.html'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Sweep report: ``python -m kdexp.report DIR [DIR ...] [--out OUT]`` → CSV + Markdown tables, PNG figures, HTML.
+
+Reads every ``results.json`` with status "complete" under the given directories (and the pointers a job leaves when
+the run registry let it skip an already complete run), groups runs by protocol and setting (task + models + data
+sizes: tasks are never mixed in one table), and writes to OUT (default ``<first DIR>/report``):
+
+- ``main_results`` — method × setting: mean ± sd over seeds of the EVAL main metric, teacher row, retention %.
+  Where a method has several variants (a grid), its row is the variant with the best mean VALIDATION score.
+- ``kd1_ablation`` — the KD1 temperature × alpha grid of eval means.
+- ``significance`` — each method and each KD1 grid cell vs B0, paired by seed (:func:`kdexp.stats.compare`),
+  Holm-adjusted within each family; ``benchmarks`` — size, latency, throughput and memory, teacher/student ratios.
+- ``figures/*.png``, ``report.md`` (every table) and ``index.html`` (tables and figures, works offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdexp import report_tables
+from kdexp.registry import IGNORED_KEYS, KD_ONLY_KEYS
+
+log = logging.getLogger("kdexp.report")
+
+MANIFEST = "fair_compare.json"
+REUSED = "reused_results.json"
+# Config keys that say how a run is bookkept, not what it computes: they never split settings or variants.
+BOOKKEEPING = {*IGNORED_KEYS, "seed", "experiment", "num_samples", "save_student", "eval_teacher"}
+# KD1's row always names its temperature and alpha, even when a sweep does not vary them.
+ALWAYS_SHOWN = {"kd1": ("method.temperature", "method.alpha")}
+SHORT = {"method.temperature": "T", "method.alpha": "α", "train.lr": "lr", "train.epochs": "epochs"}
+
+
+@dataclass
+class Run:
+    path: Path
+    data: dict
+    protocol: str
+    flat: dict = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.data["seed"]
+
+    @property
+    def method(self) -> str:
+        return self.data["method"]
+
+    def main(self, key: str = "value") -> float:
+        value = self.data["main_metric"][key]
+        return float("nan") if value is None else float(value)
+
+
+@dataclass
+class Scan:
+    runs: list[Run]
+    incomplete: int = 0
+    unfinished_jobs: int = 0
+    duplicates: int = 0
+    tuning_trials: int = 0
+    reused: int = 0
+    manifests: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (f"{len(self.runs)} complete run(s) ({self.reused} reused via the run registry); ignored: "
+                f"{self.incomplete} incomplete results.json, {self.unfinished_jobs} job dir(s) without results "
+                f"(killed, failed or running), {self.duplicates} duplicate(s), {self.tuning_trials} fair_compare "
+                "tuning trial(s)")
+
+
+def flatten(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: json.dumps(node) if isinstance(node, list) else node}
+    out = {}
+    for k, v in node.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def _protocol(path: Path, scan: Scan) -> str | None:
+    """"fair_compare" under a fair_compare manifest's final stage, None for its tuning trials, else "sweep"."""
+    for parent in path.parents:
+        manifest = parent / MANIFEST
+        if manifest.is_file():
+            scan.manifests.setdefault(str(parent), json.loads(manifest.read_text()))
+            return "fair_compare" if path.relative_to(parent).parts[0] == "final" else None
+    return "sweep"
+
+
+def _read(path: Path) -> tuple[dict | None, Path]:
+    """The results dict at path (following a registry-reuse pointer), or None when unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        if path.name == REUSED:
+            target = Path(data["results"])
+            return json.loads(target.read_text()), target
+        return data, path
+    except (OSError, ValueError, KeyError):
+        return None, path
+
+
+def scan(dirs: list[Path]) -> Scan:
+    result, latest = Scan(runs=[]), {}
+    roots = [d.resolve() for d in dirs]
+    for root in roots:
+        if not root.is_dir():
+            raise ValueError(f"{root} is not a directory")
+        for path in [*sorted(root.rglob("results.json")), *sorted(root.rglob(REUSED))]:
+            protocol = _protocol(path, result)
+            data, source = _read(path)
+            if data is None or data.get("status") != "complete":
+                result.incomplete += 1
+                continue
+            if protocol is None:
+                result.tuning_trials += 1
+                continue
+            key = (protocol, data["run_key"])
+            if key in latest:  # e.g. a registry-reuse pointer to a run found here too, or a forced rerun
+                result.duplicates += path.name != REUSED
+                if path.name == REUSED:
+                    continue
+            result.reused += path.name == REUSED
+            latest[key] = Run(source, data, protocol, _flat_config(data))
+        for job in root.rglob(".hydra"):
+            has = [(job.parent / n).is_file() for n in ("results.json", REUSED)]
+            result.unfinished_jobs += not any(has)
+    result.runs = list(latest.values())
+    return result
+
+
+def _flat_config(data: dict) -> dict:
+    flat = {k: v for k, v in flatten(data["config"]).items() if k.split(".")[0] not in BOOKKEEPING}
+    if data["method"] in ("b0", "eval"):
+        flat = {k: v for k, v in flat.items() if k.removeprefix("method.") not in KD_ONLY_KEYS}
+    return flat
+
+
+def _varying(dicts: list[dict]) -> list[str]:
+    keys = sorted({k for d in dicts for k in d})
+    return [k for k in keys if len({json.dumps(d.get(k), default=str) for d in dicts}) > 1]
+
+
+def _is_variant_key(key: str) -> bool:
+    return key.startswith(("method.", "train."))
+
+
+def group(runs: list[Run], manifests: dict) -> list[report_tables.Group]:
+    """Split runs into settings (protocol, task, models, data; never mixing tasks) and variants within each."""
+    settings: dict[tuple, list[Run]] = {}
+    for run in runs:
+        setting = tuple(sorted((k, json.dumps(v)) for k, v in run.flat.items() if not _is_variant_key(k)))
+        settings.setdefault((run.protocol, run.data["task"], setting), []).append(run)
+    by_task: dict[tuple, list[dict]] = {}
+    for protocol, task, setting in settings:
+        by_task.setdefault((protocol, task), []).append(dict(setting))
+    groups = []
+    for (protocol, task, setting), members in settings.items():
+        extra = _varying(by_task[(protocol, task)])
+        label = f"{task} · {members[0].data['teacher']} → {members[0].data['student']}"
+        label += "".join(f" · {k}={json.loads(dict(setting)[k])}" for k in extra if k in dict(setting))
+        groups.append(report_tables.Group(protocol, task, label, _variants(members), _protocol_note(protocol,
+                                                                                                  manifests)))
+    order = {"fair_compare": 0, "sweep": 1}  # the tuned-B0 (fair) comparison comes first
+    return sorted(groups, key=lambda g: (order[g.protocol], g.task, g.label))
+
+
+def _variants(members: list[Run]) -> dict[str, report_tables.Variant]:
+    """Variants are named by the knobs that vary: train.* across the setting, method.* within each method."""
+    knobs = {r.method: [] for r in members}
+    for r in members:
+        knobs[r.method].append({k: v for k, v in r.flat.items() if _is_variant_key(k)})
+    train = [k for k in _varying([d for ds in knobs.values() for d in ds]) if k.startswith("train.")]
+    varying = {m: [*ALWAYS_SHOWN.get(m, ()), *(k for k in _varying(ds) if k.startswith("method.")
+                                              and k not in ALWAYS_SHOWN.get(m, ())), *train]
+               for m, ds in knobs.items()}
+    variants: dict[str, report_tables.Variant] = {}
+    for run in sorted(members, key=lambda r: r.path.stat().st_mtime):
+        params = {k: run.flat[k] for k in varying[run.method] if k in run.flat}
+        label = run.method + "".join(f" {SHORT.get(k, k.split('.', 1)[1])}={v}" for k, v in params.items())
+        variant = variants.setdefault(label, report_tables.Variant(label, run.method, params))
+        variant.runs[run.seed] = run  # a later rerun of the same variant and seed replaces the earlier one
+    return variants
+
+
+def _protocol_note(protocol: str, manifests: dict) -> str:
+    if protocol == "sweep":
+        return ("plain sweep: every grid cell trained once per seed, no tuning; a method's row is its variant with "
+                "the best mean validation score; all numbers are eval-split")
+    specs = sorted({f"{m.get('trials')} Optuna trial(s) per method on validation, best config re-run with seeds "
+                    f"{m.get('seeds')}" for m in manifests.values()})
+    return "fair_compare: every method (B0 included) tuned with the same budget — " + "; ".join(specs)
+
+
+def build(dirs: list[Path], out: Path | None = None, wandb: bool | None = None) -> Path:
+    found = scan(dirs)
+    if not found.runs:
+        raise ValueError(f"no complete results.json under {', '.join(map(str, dirs))} ({found.summary()})")
+    log.info("%s", found.summary())
+    out = Path(out or Path(dirs[0]) / "report")
+    groups = group(found.runs, found.manifests)
+    tables = report_tables.write_all(groups, out, found.summary())
+    from kdexp import figures  # matplotlib import only once there is something to draw
+
+    images = figures.draw_all(groups, out / "figures")
+    report_tables.write_html(out / "index.html", tables, images, found.summary())
+    loggers = [r.data["config"].get("logger") or {} for r in found.runs]
+    wandb_cfgs = [c for c in loggers if c.get("name") == "wandb"]
+    if wandb if wandb is not None else bool(wandb_cfgs):
+        from kdexp.wandb_log import log_report
+
+        log_report(tables, out, wandb_cfgs[0] if wandb_cfgs else {})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdexp.report", description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="sweep / outputs directories, searched recursively")
+    parser.add_argument("--out", type=Path, default=None, help="report directory (default: <first dir>/report)")
+    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                        help="log the main table to W&B (default: when the runs used logger=wandb)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = build(args.dirs, args.out, args.wandb)
+    except ValueError as err:
+        sys.exit(f"kdexp.report: error: {err}")
+    print(f"report: {out / 'index.html'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Tables of :mod:`kdexp.report`: aggregation over seeds, paired significance vs B0, CSV / Markdown / HTML output.
+
+Every table is a list of row dicts carrying ``protocol`` and ``setting`` columns, so a CSV never mixes tasks without
+saying so, and the Markdown / HTML versions get one section per setting with its protocol note on top.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdexp.stats import compare, describe, holm
+
+EFFICIENCY = {"total_params": "params", "disk_mb": "disk MB", "latency_ms_per_example": "latency ms/ex",
+              "throughput_examples_per_s": "throughput ex/s", "peak_memory_mb": "peak memory MB"}
+TABLES = {
+    "main_results": "Main results (eval split, mean ± sd over seeds)",
+    "significance": "Significance vs B0 (paired by seed, eval split)",
+    "kd1_ablation": "KD1 ablation: temperature × alpha (eval split, mean ± sd)",
+    "benchmarks": "Benchmarks (means over runs)",
+}
+
+
+@dataclass
+class Variant:
+    label: str
+    method: str
+    params: dict
+    runs: dict = field(default_factory=dict)  # seed -> report.Run
+
+    def values(self, key: str = "value") -> dict:
+        return {seed: run.main(key) for seed, run in sorted(self.runs.items())}
+
+    def stats(self, key: str = "value") -> tuple[float, float, int]:
+        return describe(self.values(key))
+
+    def efficiency(self, role: str) -> dict:
+        return _mean_efficiency([r.data.get("efficiency", {}).get(role) for r in self.runs.values()])
+
+
+@dataclass
+class Group:
+    protocol: str
+    task: str
+    label: str
+    variants: dict  # label -> Variant
+    note: str
+
+    @property
+    def metric(self) -> str:
+        return next(iter(next(iter(self.variants.values())).runs.values())).data["main_metric"]["name"]
+
+    def selected(self) -> dict[str, Variant]:
+        """Per method, the variant with the best mean validation score (selection never looks at eval)."""
+        best: dict[str, Variant] = {}
+        for v in self.variants.values():
+            if v.method not in best or v.stats("validation_value")[0] > best[v.method].stats("validation_value")[0]:
+                best[v.method] = v
+        return dict(sorted(best.items(), key=lambda kv: (kv[0] != "b0", kv[0])))
+
+    def teacher(self) -> tuple[float, float, int]:
+        return describe([r.main("teacher_value") for v in self.variants.values() for r in v.runs.values()])
+
+    def teacher_efficiency(self) -> dict:
+        return _mean_efficiency([r.data.get("efficiency", {}).get("teacher") for v in self.variants.values()
+                                 for r in v.runs.values()])
+
+    def kd1_cells(self) -> list[Variant]:
+        return [v for v in self.variants.values() if v.method == "kd1"]
+
+
+def _mean_efficiency(entries: list[dict | None]) -> dict:
+    entries = [e for e in entries if e]
+    return {k: describe([e.get(k) if e.get(k) is not None else math.nan for e in entries])[0] for k in EFFICIENCY}
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1e5 else f"{x:.3e}"
+    return str(x)
+
+
+def _pm(mean: float, sd: float) -> str:
+    return f"{_fmt(mean)} ± {_fmt(sd, 2)}"
+
+
+def main_rows(g: Group) -> list[dict]:
+    t_mean, t_sd, t_n = g.teacher()
+    rows = []
+    for method, v in g.selected().items():
+        mean, sd, n = v.stats()
+        n_variants = sum(x.method == method for x in g.variants.values())
+        rows.append({"method": method, "config": v.label, "n_seeds": n, "mean": mean, "sd": sd,
+                     "validation_mean": v.stats("validation_value")[0],
+                     "retention_pct": 100 * mean / t_mean if t_mean else math.nan,
+                     "selection": f"best of {n_variants} by validation" if n_variants > 1 else ""})
+    rows.append({"method": "teacher", "config": "", "n_seeds": t_n, "mean": t_mean, "sd": t_sd,
+                 "validation_mean": math.nan, "retention_pct": 100.0 if t_n else math.nan, "selection": ""})
+    return rows
+
+
+def ablation_rows(g: Group) -> list[dict]:
+    rows = []
+    for v in g.kd1_cells():
+        cfg = next(iter(v.runs.values())).flat
+        rest = " ".join(f"{k}={p}" for k, p in v.params.items() if k not in ("method.temperature", "method.alpha"))
+        mean, sd, n = v.stats()
+        rows.append({"temperature": cfg.get("method.temperature"), "alpha": cfg.get("method.alpha"), "other": rest,
+                     "n_seeds": n, "mean": mean, "sd": sd, "validation_mean": v.stats("validation_value")[0]})
+    return sorted(rows, key=lambda r: (r["other"], r["temperature"], r["alpha"]))
+
+
+def _compare_rows(family: str, pairs: list[tuple[Variant, Variant]]) -> list[dict]:
+    rows = []
+    for a, b0 in pairs:
+        c = compare(a.values(), b0.values(), paired=True)
+        rows.append({"family": family, "comparison": a.label, "baseline": b0.label, "n": c.n, "mean_diff": c.mean_diff,
+                     "ci_low": c.ci_low, "ci_high": c.ci_high, "t": c.t, "df": c.df, "p": c.p, "p_holm": math.nan,
+                     "cohens_dz": c.cohens_d, "note": c.note})
+    for row, p in zip(rows, holm([r["p"] for r in rows]), strict=True):
+        row["p_holm"] = p
+    return rows
+
+
+def significance_rows(g: Group) -> list[dict]:
+    """Two Holm families per setting: the selected method rows vs B0, and every KD1 grid cell vs B0."""
+    selected = g.selected()
+    b0 = selected.get("b0")
+    if b0 is None:
+        return []
+    methods = [(v, b0) for m, v in selected.items() if m != "b0"]
+    cells = [(v, b0) for v in g.kd1_cells()] if len(g.kd1_cells()) > 1 else []
+    return _compare_rows("methods vs B0", methods) + _compare_rows("KD1 grid vs B0", cells)
+
+
+def benchmark_rows(g: Group) -> list[dict]:
+    selected = g.selected()
+    rows = [{"model": f"student ({m})", **{k: v.efficiency("student")[k] for k in EFFICIENCY}}
+            for m, v in selected.items()]
+    teacher = g.teacher_efficiency()
+    if not math.isnan(teacher["total_params"]):
+        rows.append({"model": "teacher", **teacher})
+        ref = rows[0]
+        rows.append({"model": f"teacher / {ref['model']}",
+                     **{k: teacher[k] / ref[k] if ref[k] else math.nan for k in EFFICIENCY}})
+    return rows
+
+
+ROWS = {"main_results": main_rows, "significance": significance_rows, "kd1_ablation": ablation_rows,
+        "benchmarks": benchmark_rows}
+
+
+def _markdown(name: str, g: Group, rows: list[dict]) -> list[str]:
+    if name == "kd1_ablation":
+        return _grid_markdown(rows)
+    if name == "main_results":
+        rows = [{"method": r["method"], "config": r["config"], "n": r["n_seeds"],
+                 f"{g.metric} (eval)": _pm(r["mean"], r["sd"]), "validation": _fmt(r["validation_mean"]),
+                 "retention % of teacher": _fmt(r["retention_pct"], 3), "selection": r["selection"]} for r in rows]
+    elif name == "significance":
+        rows = [{"family": r["family"], "vs B0": r["comparison"], "n": r["n"], "mean diff": _fmt(r["mean_diff"]),
+                 "95% CI": f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", "t": _fmt(r["t"], 3),
+                 "p": _fmt(r["p"], 3), "p (Holm)": _fmt(r["p_holm"], 3), "d_z": _fmt(r["cohens_dz"], 3),
+                 "note": r["note"]} for r in rows]
+    else:
+        rows = [{("model" if k == "model" else EFFICIENCY[k]): _fmt(v) for k, v in r.items()} for r in rows]
+    return _md_table(rows)
+
+
+def _grid_markdown(rows: list[dict]) -> list[str]:
+    lines = []
+    for other in sorted({r["other"] for r in rows}):
+        sub = [r for r in rows if r["other"] == other]
+        alphas = sorted({r["alpha"] for r in sub})
+        grid = []
+        for t in sorted({r["temperature"] for r in sub}):
+            cells = {r["alpha"]: f"{_pm(r['mean'], r['sd'])} (n={r['n_seeds']})" for r in sub if r["temperature"] == t}
+            grid.append({"T \\ α": t, **{f"α={a}": cells.get(a, "–") for a in alphas}})
+        lines += ([f"*{other}*", ""] if other else []) + _md_table(grid)
+    return lines
+
+
+def _md_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["*(no rows: this table needs B0 and another method, or a KD1 grid, in this setting)*", ""]
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
+    return lines + [""]
+
+
+def write_all(groups: list[Group], out: Path, summary: str) -> dict[str, list[tuple[Group, list[dict]]]]:
+    """Write ``<table>.csv`` / ``<table>.md`` and ``report.md``; return the rows per table and group."""
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {name: [(g, ROWS[name](g)) for g in groups] for name in TABLES}
+    report = ["# kdexp report", "", summary, ""]
+    for name, title in TABLES.items():
+        md = [f"# {title}", ""]
+        for g, rows in tables[name]:
+            md += [f"## {g.label}", "", f"Protocol: {g.note}. Metric: {g.metric}.", "", *_markdown(name, g, rows)]
+        (out / f"{name}.md").write_text("\n".join(md))
+        report += ["#" + line if line.startswith("#") else line for line in md]
+        _write_csv(out / f"{name}.csv", [{"protocol": g.protocol, "setting": g.label, "task": g.task,
+                                          "metric": g.metric, **r} for g, rows in tables[name] for r in rows])
+    (out / "report.md").write_text("\n".join(report))
+    return tables
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r)) or ["protocol", "setting", "task", "metric"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_html(path: Path, tables: dict, images: list[Path], summary: str) -> None:
+    """One self-contained page (relative image links) that works offline: every table, then every figure."""
+    body = [f"<h1>kdexp report</h1><p>{html.escape(summary)}</p>"]
+    for name, title in TABLES.items():
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        for g, rows in tables[name]:
+            body.append(f"<h3>{html.escape(g.label)}</h3><p class=note>Protocol: {html.escape(g.note)}. "
+                        f"Metric: {html.escape(g.metric)}.</p>")
+            body.append(_html_table(_markdown(name, g, rows)))
+    body.append("<h2>Figures</h2>")
+    body += [f'<figure><img src="{p.relative_to(path.parent)}" alt="{p.stem}"><figcaption>{p.stem}'
+             "</figcaption></figure>" for p in images]
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
+             "td,th{border:1px solid #bbb;padding:3px 8px}.note{color:#555}img{max-width:100%}")
+    path.write_text(f"<!doctype html><html><head><meta charset=utf-8><title>kdexp report</title><style>{style}"
+                    f"</style></head><body>{''.join(body)}</body></html>")
+
+
+def _html_table(md_lines: list[str]) -> str:
+    """Render the Markdown lines produced above, so the page and the .md files show the same cell text."""
+    out, in_table = [], False
+    for line in md_lines:
+        if line.startswith("|---"):
+            continue
+        if line.startswith("|"):
+            cells = [html.escape(c.strip().replace("\\|", "|")) for c in line.strip("|").split(" | ")]
+            tag = "td" if in_table else "th"
+            out.append(("" if in_table else "<table>") + "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells)
+                       + "</tr>")
+            in_table = True
+            continue
+        out.append("</table>" if in_table else "")
+        in_table = False
+        if line:
+            out.append(f"<p>{html.escape(line.strip('*'))}</p>")
+    return "".join(out) + ("</table>" if in_table else "")
