@@ -23,7 +23,7 @@ def _hydra_cfg(*overrides: str):
                      "method.alpha": "0.3,0.5", "seed": "42"}),
     ("thesis_full", {"task": "sst2,squad", "method": "b0,kd1", "method.temperature": "1,2,4,8",
                      "method.alpha": "0.1,0.3,0.5,0.7", "seed": "42,123,456"}),
-    ("kd_demo", {"method": "b0,kd1", "method.temperature": "2,4", "method.alpha": "0.5,0.9",
+    ("kd_demo", {"method": "b0,kd1", "method.temperature": "1,2", "method.alpha": "0.5,0.9",
                  "seed": "42,123,456,789,2024"}),
 ])
 def test_presets_carry_their_grids(preset, params, tmp_path):
@@ -41,7 +41,7 @@ def test_preset_budgets(tmp_path):
     full = compose_cfg(["experiment=thesis_full", "task=squad"], tmp_path)
     assert full.task.max_train_samples is None and full.train.epochs == 3
     demo, default = compose_cfg(["experiment=kd_demo"], tmp_path), compose_cfg([], tmp_path)
-    assert demo.method.unlabeled_samples == 2000 and demo.train.epochs == 2
+    assert demo.method.unlabeled_samples == 4000 and demo.train.epochs == 3
     # kd_demo reuses the default tiny teacher (same content address), so `python -m kdexp` prepares it for both.
     assert demo.teacher == default.teacher and demo.student == default.student
 
