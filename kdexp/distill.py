@@ -36,6 +36,11 @@ from kdexp.utils import atomic_write_json, content_hash, dir_lock
 log = logging.getLogger(__name__)
 
 
+def cache_rows(inputs: dict) -> dict:
+    """The teacher-cache part of a :func:`cached_collator` batch, keys without their ``cache_`` prefix."""
+    return {k.removeprefix("cache_"): v for k, v in inputs.items() if k.startswith("cache_")}
+
+
 class DistillationTrainer(AnswerTrainer):
     """HF Trainer with the blended CE + KD loss; the teacher is online (no_grad, eval mode) or a cache."""
 
@@ -46,8 +51,8 @@ class DistillationTrainer(AnswerTrainer):
         self.teacher, self.vocab_size, self.chunk_size = teacher, vocab_size, chunk_size
 
     def teacher_logits(self, inputs: dict) -> torch.Tensor:
-        if "cache_topk_logits" in inputs:
-            rows = {k.removeprefix("cache_"): v for k, v in inputs.items() if k.startswith("cache_")}
+        rows = cache_rows(inputs)
+        if rows:
             return teacher_logits_from_cache(rows, self.vocab_size, self.temperature)
         with torch.no_grad():
             return answer_logits(self.teacher, inputs)[0]
@@ -59,7 +64,7 @@ class DistillationTrainer(AnswerTrainer):
         if self.alpha == 0:
             self._log_terms({"ce": ce})
             return (ce, outputs) if return_outputs else ce
-        rows = {k.removeprefix("cache_"): v for k, v in inputs.items() if k.startswith("cache_")}
+        rows = cache_rows(inputs)
         if rows and self.divergence is forward_kl:
             kd = cached_forward_kl(logits, rows, temperature=self.temperature, mask=inputs["answer_mask"],
                                    vocab_size=self.vocab_size)
