@@ -79,7 +79,9 @@ def kd_methods(ax, g: Group) -> None:
     t_mean, _, t_n = g.teacher()
     if t_n:
         ax.axhline(t_mean, color=TEACHER_COLOR, linestyle="--", label="teacher")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
+        if t_mean > 0:  # autoscale stops at the tallest bar; keep the teacher line off the frame
+            ax.set_ylim(top=max(ax.get_ylim()[1], 1.05 * t_mean))
     ax.set_ylabel(f"{g.metric} (eval, mean ± sd over seeds)")
     ax.tick_params(axis="x", labelsize=7, rotation=20)
 

@@ -63,10 +63,12 @@ class Scan:
     duplicates: int = 0
     tuning_trials: int = 0
     reused: int = 0
+    pointers: int = 0  # registry-skip pointers to a run also found in these directories (counted once, there)
     manifests: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"{len(self.runs)} complete run(s) ({self.reused} reused via the run registry); ignored: "
+        return (f"{len(self.runs)} complete run(s) ({self.reused} reused via the run registry from elsewhere, "
+                f"{self.pointers} registry skip(s) pointing at runs counted here); ignored: "
                 f"{self.incomplete} incomplete results.json, {self.unfinished_jobs} job dir(s) without results "
                 f"(killed, failed or running), {self.duplicates} duplicate(s), {self.tuning_trials} fair_compare "
                 "tuning trial(s)")
@@ -122,6 +124,7 @@ def scan(dirs: list[Path]) -> Scan:
             if key in latest:  # e.g. a registry-reuse pointer to a run found here too, or a forced rerun
                 result.duplicates += path.name != REUSED
                 if path.name == REUSED:
+                    result.pointers += 1
                     continue
             result.reused += path.name == REUSED
             latest[key] = Run(source, data, protocol, _flat_config(data))

@@ -62,7 +62,14 @@ class Group:
         return dict(sorted(best.items(), key=lambda kv: (kv[0] != "b0", kv[0])))
 
     def teacher(self) -> tuple[float, float, int]:
-        return describe([r.main("teacher_value") for v in self.variants.values() for r in v.runs.values()])
+        """(mean, sd, n) over distinct teachers: every run re-evaluates the same prepared teacher, so counting runs
+        would report n=25 and a float-rounding sd for what is one model measured once."""
+        per_teacher: dict[str, list[float]] = {}
+        for v in self.variants.values():
+            for r in v.runs.values():
+                key = (r.data.get("teacher_info") or {}).get("key") or str(r.data.get("teacher"))
+                per_teacher.setdefault(key, []).append(r.main("teacher_value"))
+        return describe([describe(values)[0] for values in per_teacher.values()])
 
     def teacher_efficiency(self) -> dict:
         return _mean_efficiency([r.data.get("efficiency", {}).get("teacher") for v in self.variants.values()
@@ -86,7 +93,14 @@ def _fmt(x, digits: int = 4) -> str:
 
 
 def _pm(mean: float, sd: float) -> str:
-    return f"{_fmt(mean)} ± {_fmt(sd, 2)}"
+    """mean ± sd, the sd to the mean's decimal places (0.7752 ± 0.0100, not ± 0.01) unless that would print 0."""
+    m = _fmt(mean)
+    decimals = len(m.split(".")[1]) if "." in m and "e" not in m else 0
+    if sd is None or (isinstance(sd, float) and math.isnan(sd)):  # n < 2: there is no spread to show
+        return m
+    if round(sd, decimals) != 0:
+        return f"{m} ± {sd:.{decimals}f}"
+    return f"{m} ± {_fmt(sd, 2)}"
 
 
 def main_rows(g: Group) -> list[dict]:
@@ -204,11 +218,45 @@ def write_all(groups: list[Group], out: Path, summary: str) -> dict[str, list[tu
         for g, rows in tables[name]:
             md += [f"## {g.label}", "", f"Protocol: {g.note}. Metric: {g.metric}.", "", *_markdown(name, g, rows)]
         (out / f"{name}.md").write_text("\n".join(md))
+        (out / f"{name}.tex").write_text("\n".join(
+            _latex_table(f"{title}, {g.label}. Protocol: {g.note}. Metric: {g.metric}.", _markdown(name, g, rows))
+            for g, rows in tables[name]))
         report += ["#" + line if line.startswith("#") else line for line in md]
         _write_csv(out / f"{name}.csv", [{"protocol": g.protocol, "setting": g.label, "task": g.task,
                                           "metric": g.metric, **r} for g, rows in tables[name] for r in rows])
     (out / "report.md").write_text("\n".join(report))
     return tables
+
+
+LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "α": r"$\alpha$",
+         "→": r"$\to$", "×": r"$\times$", "–": "--", "·": r"$\cdot$", "Δ": r"$\Delta$",
+         "≤": r"$\le$", "≥": r"$\ge$"}
+
+
+def _tex(text: str) -> str:
+    return "".join(LATEX.get(ch, ch) for ch in text)
+
+
+def _latex_table(caption: str, md_lines: list[str]) -> str:
+    """A booktabs table (\\usepackage{booktabs}) with the same cell text as the Markdown/HTML tables."""
+    blocks: list[list[list[str]]] = []
+    for line in md_lines:
+        if line.startswith("|---"):
+            continue
+        if line.startswith("|"):
+            cells = [_tex(c.strip().replace("\\|", "|")) for c in line.strip().strip("|").split(" | ")]
+            if not blocks or blocks[-1] is None:
+                blocks.append([])
+            blocks[-1].append(cells)
+        elif blocks and blocks[-1] is not None:
+            blocks.append(None)  # a grid table per "other" setting: one tabular each
+    tabulars = [[r"\begin{tabular}{" + "l" * len(b[0]) + "}", r"\toprule", " & ".join(b[0]) + r" \\",
+                 r"\midrule", *(" & ".join(row) + r" \\" for row in b[1:]), r"\bottomrule", r"\end{tabular}"]
+                for b in blocks if b]
+    body = [line for t in tabulars for line in t] or ["(no rows)"]
+    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(caption)}}}", *body,
+                      r"\end{table}", ""])
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from kdexp.models import build_model, encode, load_saved
@@ -95,7 +96,10 @@ def _train_teacher(cfg, tokenizer, data: TaskData, target: Path) -> dict:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     meta = {"train_examples": len(examples), "train_seconds": round(seconds, 1), "spec": teacher_spec(cfg),
-            "final_train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)}
+            "final_train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
+            # Not part of the key, but the bits depend on them: see docs/design.md (teacher preparation).
+            "prepared_with": {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                              "device": str(next(model.parameters()).device)}}
     atomic_write_json(tmp / "kdexp_teacher.json", meta)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # the marker file inside makes it complete; a crash before this leaves only *.tmp

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from kdexp.main import run
 from tests.conftest import SMOKE, run_cli
@@ -55,6 +56,9 @@ def test_teacher_prepared_once_and_reused(make_cfg):
     run(second)
     info = _results(second)["teacher_info"]
     assert info["prepared"] and info["reused"] and "teacher_prepare_s" in _results(second)["timings_s"]
+    # The key does not cover thread count or device, yet the weights depend on them (docs/design.md): recorded.
+    assert info["prepared_with"] == {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                                     "device": "cpu"}
 
 
 def test_same_seed_same_metrics(make_cfg):

@@ -81,14 +81,15 @@ def test_top_k_larger_than_vocab_fails_before_training(make_cfg):
     assert not (Path(cfg.output_dir) / "results.json").exists()
 
 
-def test_vocabulary_mismatch_rejected_for_kd1(make_cfg, tmp_path):
+@pytest.mark.parametrize("method", ["kd1", "kd3"])  # kd2 accepts a different tokenizer: tests/test_kd2.py
+def test_vocabulary_mismatch_rejected(method, make_cfg, tmp_path):
     from kdexp.models import load_tokenizer
 
     tok = load_tokenizer(compose_cfg([], tmp_path).student)
     tok.add_tokens(["<extra_student_token>"])
     tok.save_pretrained(tmp_path / "other_tok")
-    cfg = make_cfg(*SMOKE, "method=kd1", f"student.tokenizer={tmp_path / 'other_tok'}", out="mm")
-    with pytest.raises(SystemExit, match="needs teacher and student to share a vocabulary"):
+    cfg = make_cfg(*SMOKE, f"method={method}", f"student.tokenizer={tmp_path / 'other_tok'}", out="mm")
+    with pytest.raises(SystemExit, match=f"method={method} needs teacher and student to share a vocabulary"):
         run(cfg)
     assert not (Path(cfg.output_dir) / "results.json").exists()
 

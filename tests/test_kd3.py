@@ -193,18 +193,6 @@ def test_layer_beyond_depth_stops_the_run_before_anything_is_recorded(make_cfg):
     assert not (Path(cfg.output_dir) / "results.json").exists() and not (Path(cfg.cache_dir) / "runs").exists()
 
 
-def test_vocabulary_mismatch_rejected_for_kd3(make_cfg, tmp_path):  # kd1: tests/test_kd1.py
-    from kdexp.models import load_tokenizer
-
-    tok = load_tokenizer(compose_cfg([], tmp_path).student)
-    tok.add_tokens(["<extra_student_token>"])
-    tok.save_pretrained(tmp_path / "other_tok")
-    cfg = make_cfg(*SMOKE, "method=kd3", f"student.tokenizer={tmp_path / 'other_tok'}", out="mm")
-    with pytest.raises(SystemExit, match="method=kd3 needs teacher and student to share a vocabulary"):
-        run(cfg)
-    assert not (Path(cfg.output_dir) / "results.json").exists()
-
-
 @pytest.mark.slow
 def test_cli_bad_layer_map_and_decoding_exit_nonzero_with_one_line(tmp_path):
     from tests.conftest import run_cli

@@ -58,6 +58,22 @@ def test_report_has_every_table_and_figure(sweep, tmp_path):
     # Grouped by task: each task is its own section, never one mixed table.
     assert "sst2 · tiny → tiny" in report and "squad · tiny → tiny" in report
     assert {r["task"] for r in _csv(out / "main_results.csv")} == {"sst2", "squad"}
+    tex = (out / "main_results.tex").read_text()  # one booktabs table per setting, same cells as the CSV
+    assert tex.count(r"\begin{table}") == tex.count(r"\end{tabular}") == 2
+    b0 = next(r for r in _csv(out / "main_results.csv") if r["task"] == "sst2" and r["method"] == "b0")
+    assert f"{float(b0['mean']):.4g} $\\pm$" in tex
+
+
+def test_latex_tables_escape_and_keep_every_cell():
+    from kdexp.report_tables import _latex_table
+
+    md = ["| vs B0 | 95% CI | d_z |", "|---|---|---|", "| kd1 T=1 α=0.9 | [0.1, 0.3] | 4.1 |", "",
+          "*other*", "", "| a \\| b | c |", "|---|---|", "| 1 ± 0.1 | – |", ""]
+    tex = _latex_table("Δ & 50% of x_y", md)
+    assert r"\caption{$\Delta$ \& 50\% of x\_y}" in tex
+    assert r"vs B0 & 95\% CI & d\_z \\" in tex and r"kd1 T=1 $\alpha$=0.9 & [0.1, 0.3] & 4.1 \\" in tex
+    assert tex.count(r"\begin{tabular}{lll}") == 1 and tex.count(r"\begin{tabular}{ll}") == 1
+    assert r"a | b & c \\" in tex and r"1 $\pm$ 0.1 & -- \\" in tex
 
 
 @pytest.mark.slow
@@ -96,6 +112,9 @@ def test_main_table_and_benchmarks_match_results(sweep, tmp_path):
         pytest.approx((mean, sd, n))
     teacher = [r["main_metric"]["teacher_value"] for r in results if r["task"] == "sst2"]
     assert float(rows["teacher"]["mean"]) == pytest.approx(sum(teacher) / len(teacher))
+    # One prepared teacher, re-evaluated by every run: one model, not len(teacher) samples.
+    assert len({r["teacher_info"]["key"] for r in results if r["task"] == "sst2"}) == 1
+    assert int(rows["teacher"]["n_seeds"]) == 1 and rows["teacher"]["sd"] in ("", "nan")
     assert float(rows["b0"]["retention_pct"]) == pytest.approx(100 * mean / float(rows["teacher"]["mean"]))
     bench = {r["model"]: r for r in _csv(out / "benchmarks.csv") if r["task"] == "sst2"}
     ratio = bench["teacher / student (b0)"]
@@ -115,6 +134,7 @@ def test_incomplete_and_reused_runs_are_counted(sweep, tmp_path, caplog):
     with caplog.at_level("INFO", logger="kdexp.report"):
         build([sweep, tmp_path / "broken"], tmp_path / "rep")
     assert "10 complete run(s)" in caplog.text and "1 incomplete results.json" in caplog.text
+    assert "3 registry skip(s) pointing at runs counted here" in caplog.text
 
 
 def test_no_complete_results_is_a_one_line_error(tmp_path):

@@ -164,8 +164,10 @@ def test_fair_compare_tunes_every_method_then_reruns_the_best(tmp_path):
     manifest = json.loads((out / "fair_compare.json").read_text())
     assert manifest["trials"] == 2 and set(manifest["best"]) == {"b0", "kd1"}
     # Same budget, each over its own knobs: B0 is not tuned over the KD-only temperature and alpha.
-    assert set(manifest["search_space"]["b0"]) == {"train.lr", "train.epochs"}
-    assert set(manifest["search_space"]["kd1"]) == {"train.lr", "train.epochs", "method.temperature", "method.alpha"}
+    assert set(manifest["search_space"]["b0"]) == {"train.lr", "train.max_steps"}
+    assert set(manifest["search_space"]["kd1"]) == {"train.lr", "train.max_steps", "method.temperature",
+                                                     "method.alpha"}
+    assert manifest["search_space"]["b0"]["train.max_steps"] == "tag(log, int(interval(2, 8)))"
     for method in ("b0", "kd1"):
         assert len(list((out / "tune" / method).glob("*/results.json"))) == 2
     with open(out / "report" / "main_results.csv") as f:
