@@ -11,6 +11,7 @@ not reported). Re-running the same command resumes: the Optuna studies and the r
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from kdexp.registry import KD_ONLY_KEYS
 from kdexp.utils import atomic_write_json
 
 DEFAULT_SEEDS = "42,123,456,789,2024"
+DOMAIN = {"method.alpha": (0, 1), "method.gold_mix": (0, 1)}
 
 
 def search_space(experiment: str, config_dir: str | None, overrides: list[str]) -> dict[str, str]:
@@ -60,6 +62,27 @@ def best_params(tune_dir: Path) -> dict:
     return {"params": results["best_params"], "validation_value": results["best_value"]}
 
 
+def at_edge(best: dict, space: dict[str, str], margin: float = 0.05) -> list[str]:
+    """The tuned knobs whose best value lies within ``margin`` of an interval's end (in log space for log tags):
+    the optimum may lie outside the range, so the method was not tuned as hard as the budget suggests."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+
+    edges = []
+    for override in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in space.items()]):
+        sweep, key = override.value(), override.get_key_element()
+        if not isinstance(sweep, IntervalSweep) or key not in best:
+            continue
+        scale = math.log if "log" in sweep.tags else float
+        low, high, value = scale(sweep.start), scale(sweep.end), scale(best[key])
+        bounds = DOMAIN.get(key, (None, None))  # an end that is the knob's own limit cannot be widened
+        near_low = value - low <= margin * (high - low) and sweep.start != bounds[0]
+        near_high = high - value <= margin * (high - low) and sweep.end != bounds[1]
+        if near_low or near_high:
+            edges.append(f"{key}={best[key]} (range [{sweep.start}, {sweep.end}])")
+    return edges
+
+
 def run_protocol(opts: argparse.Namespace, overrides: list[str]) -> Path:
     out = Path(opts.out or f"multirun/fair_compare/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     methods, seeds = opts.methods.split(","), opts.seeds.split(",")
@@ -74,6 +97,11 @@ def run_protocol(opts: argparse.Namespace, overrides: list[str]) -> Path:
                 "hydra.sweeper.params=null", f"hydra.sweeper.n_trials={opts.trials}", f"hydra.sweep.dir={tune}",
                 *(f"{k}={v}" for k, v in manifest["search_space"][method].items()), *overrides], opts.config_dir)
         manifest["best"][method] = best_params(tune)
+        edges = manifest["best"][method]["at_edge"] = at_edge(manifest["best"][method]["params"],
+                                                               manifest["search_space"][method])
+        if edges:
+            print(f"kdexp.fair_compare: warning: {method}'s best trial is at the edge of its search range: "
+                  f"{'; '.join(edges)}. Widen the range and resume with the same --out.", flush=True)
         atomic_write_json(out / "fair_compare.json", manifest)
     for method in methods:
         best = manifest["best"][method]["params"]

@@ -195,7 +195,11 @@ def _protocol_note(protocol: str, manifests: dict) -> str:
                 "the best mean validation score; all numbers are eval-split")
     specs = sorted({f"{m.get('trials')} Optuna trial(s) per method on validation, best config re-run with seeds "
                     f"{m.get('seeds')}" for m in manifests.values()})
-    return "fair_compare: every method (B0 included) tuned with the same budget — " + "; ".join(specs)
+    edges = sorted({f"{method}: {edge}" for m in manifests.values() for method, best in m.get("best", {}).items()
+                    for edge in best.get("at_edge", [])})
+    return ("fair_compare: every method (B0 included) tuned with the same budget — " + "; ".join(specs)
+            + (f". WARNING, best trial at the edge of its search range (may be under-tuned): {'; '.join(edges)}"
+               if edges else ""))
 
 
 def build(dirs: list[Path], out: Path | None = None, wandb: bool | None = None) -> Path:

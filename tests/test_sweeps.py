@@ -170,6 +170,7 @@ def test_fair_compare_tunes_every_method_then_reruns_the_best(tmp_path):
     assert manifest["search_space"]["b0"]["train.max_steps"] == "tag(log, int(interval(2, 8)))"
     for method in ("b0", "kd1"):
         assert len(list((out / "tune" / method).glob("*/results.json"))) == 2
+        assert isinstance(manifest["best"][method]["at_edge"], list)
     with open(out / "report" / "main_results.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert {r["protocol"] for r in rows.values()} == {"fair_compare"} and rows["b0"]["n_seeds"] == "2"
@@ -178,3 +179,21 @@ def test_fair_compare_tunes_every_method_then_reruns_the_best(tmp_path):
     report = (out / "report" / "report.md").read_text()
     assert "fair_compare: every method (B0 included) tuned with the same budget — 2 Optuna trial(s)" in report
     assert "4 fair_compare tuning trial(s)" in report
+
+
+def test_fair_compare_flags_a_best_trial_at_the_edge_of_its_range():
+    from kdexp.fair_compare import at_edge
+    from kdexp.report import _protocol_note
+
+    space = {"train.lr": "tag(log, interval(3e-4, 1e-2))", "train.max_steps": "tag(log, int(interval(30, 2000)))",
+             "method.alpha": "interval(0, 1)", "train.epochs": "choice(1, 2, 3)"}
+    inside = {"train.lr": 1e-3, "train.max_steps": 500, "method.alpha": 0.5, "train.epochs": 3}
+    assert at_edge(inside, space) == []
+    # 1,900 of [30, 2000] is 98.8 % of the way in log space; 9.5e-3 is 98.5 %; alpha=0.01 sits at alpha's own
+    # limit (0), which no wider range could move, so it is not flagged.
+    edges = at_edge({**inside, "train.max_steps": 1900, "train.lr": 9.5e-3, "method.alpha": 0.01}, space)
+    assert edges == ["train.lr=0.0095 (range [0.0003, 0.01])", "train.max_steps=1900 (range [30, 2000])"]
+    assert at_edge({**inside, "train.lr": 3.2e-4}, space) == ["train.lr=0.00032 (range [0.0003, 0.01])"]
+    note = _protocol_note("fair_compare", {"d": {"trials": 8, "seeds": ["1", "2"],
+                                                 "best": {"kd1": {"at_edge": edges[:1]}, "b0": {"at_edge": []}}}})
+    assert note.endswith("(may be under-tuned): kd1: train.lr=0.0095 (range [0.0003, 0.01])")
