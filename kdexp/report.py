@@ -183,10 +183,22 @@ def _variants(members: list[Run]) -> dict[str, report_tables.Variant]:
     variants: dict[str, report_tables.Variant] = {}
     for run in sorted(members, key=lambda r: r.path.stat().st_mtime):
         params = {k: run.flat[k] for k in varying[run.method] if k in run.flat}
-        label = run.method + "".join(f" {SHORT.get(k, k.split('.', 1)[1])}={v}" for k, v in params.items())
-        variant = variants.setdefault(label, report_tables.Variant(label, run.method, params))
+        key = run.method + json.dumps(params, sort_keys=True)  # exact values: rounding must never merge variants
+        variant = variants.setdefault(key, report_tables.Variant(_label(run.method, params, 4), run.method, params))
         variant.runs[run.seed] = run  # a later rerun of the same variant and seed replaces the earlier one
-    return variants
+    labels = [v.label for v in variants.values()]
+    for v in variants.values():
+        if labels.count(v.label) > 1:  # two variants that differ only past 4 significant digits
+            v.label = _label(v.method, v.params, None)
+    return {v.label: v for v in variants.values()}
+
+
+def _label(method: str, params: dict, digits: int | None) -> str:
+    """"kd1 T=1.383 α=0.156 lr=0.0003678 max_steps=1138": tuned floats shortened (exact values are in the CSV)."""
+    def short(v):
+        return f"{v:.{digits}g}" if digits and isinstance(v, float) else v
+
+    return method + "".join(f" {SHORT.get(k, k.split('.', 1)[1])}={short(v)}" for k, v in params.items())
 
 
 def _protocol_note(protocol: str, manifests: dict) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,19 +89,36 @@ def _fmt(x, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1e5 else f"{x:.3e}"
+        if math.isfinite(x) and abs(x) >= 1e5 and x.is_integer():  # parameter counts
+            return f"{x:,.0f}"
+        if not math.isfinite(x) or abs(x) >= 1e5:
+            return f"{x:.3e}" if math.isfinite(x) else str(x)
+        # Keep trailing zeros (0.2310, not 0.231): a column of equal precision reads as equal precision.
+        return f"{x:#.{digits}g}".removesuffix(".")
     return str(x)
 
 
 def _pm(mean: float, sd: float) -> str:
     """mean ± sd, the sd to the mean's decimal places (0.7752 ± 0.0100, not ± 0.01) unless that would print 0."""
-    m = _fmt(mean)
-    decimals = len(m.split(".")[1]) if "." in m and "e" not in m else 0
+    m, decimals = _fmt(mean), _decimals(mean)
     if sd is None or (isinstance(sd, float) and math.isnan(sd)):  # n < 2: there is no spread to show
         return m
-    if round(sd, decimals) != 0:
+    if round(sd, decimals) != 0 or sd == 0:
         return f"{m} ± {sd:.{decimals}f}"
     return f"{m} ± {_fmt(sd, 2)}"
+
+
+def _decimals(x: float) -> int:
+    text = _fmt(x)
+    return len(text.split(".")[1]) if "." in text and "e" not in text else 0
+
+
+def _ci(mean: float, low: float, high: float) -> str:
+    """[low, high] to the mean difference's decimal places ([0.1100, 0.1996], not [0.11, 0.1996])."""
+    if any(isinstance(x, float) and not math.isfinite(x) for x in (mean, low, high)) or not _decimals(mean):
+        return f"[{_fmt(low)}, {_fmt(high)}]"
+    d = _decimals(mean)
+    return f"[{low:.{d}f}, {high:.{d}f}]"
 
 
 def main_rows(g: Group) -> list[dict]:
@@ -109,8 +127,8 @@ def main_rows(g: Group) -> list[dict]:
     for method, v in g.selected().items():
         mean, sd, n = v.stats()
         n_variants = sum(x.method == method for x in g.variants.values())
-        rows.append({"method": method, "config": v.label, "n_seeds": n, "mean": mean, "sd": sd,
-                     "validation_mean": v.stats("validation_value")[0],
+        rows.append({"method": method, "config": v.label, "params": json.dumps(v.params), "n_seeds": n,
+                     "mean": mean, "sd": sd, "validation_mean": v.stats("validation_value")[0],
                      "retention_pct": 100 * mean / t_mean if t_mean else math.nan,
                      "selection": f"best of {n_variants} by validation" if n_variants > 1 else ""})
     rows.append({"method": "teacher", "config": "", "n_seeds": t_n, "mean": t_mean, "sd": t_sd,
@@ -178,7 +196,7 @@ def _markdown(name: str, g: Group, rows: list[dict]) -> list[str]:
                  "retention % of teacher": _fmt(r["retention_pct"], 3), "selection": r["selection"]} for r in rows]
     elif name == "significance":
         rows = [{"family": r["family"], "vs B0": r["comparison"], "n": r["n"], "mean diff": _fmt(r["mean_diff"]),
-                 "95% CI": f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", "t": _fmt(r["t"], 3),
+                 "95% CI": _ci(r["mean_diff"], r["ci_low"], r["ci_high"]), "t": _fmt(r["t"], 3),
                  "p": _fmt(r["p"], 3), "p (Holm)": _fmt(r["p_holm"], 3), "d_z": _fmt(r["cohens_dz"], 3),
                  "note": r["note"]} for r in rows]
     else:

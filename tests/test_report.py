@@ -61,7 +61,7 @@ def test_report_has_every_table_and_figure(sweep, tmp_path):
     tex = (out / "main_results.tex").read_text()  # one booktabs table per setting, same cells as the CSV
     assert tex.count(r"\begin{table}") == tex.count(r"\end{tabular}") == 2
     b0 = next(r for r in _csv(out / "main_results.csv") if r["task"] == "sst2" and r["method"] == "b0")
-    assert f"{float(b0['mean']):.4g} $\\pm$" in tex
+    assert f"{float(b0['mean']):#.4g} $\\pm$" in tex
 
 
 def test_latex_tables_escape_and_keep_every_cell():
@@ -84,11 +84,11 @@ def test_significance_matches_compare_on_the_same_data(sweep, tmp_path):
     assert len(b0) == 3
     rows = [r for r in _csv(out / "significance.csv") if r["task"] == "sst2"]
     grid = [r for r in rows if r["family"] == "KD1 grid vs B0"]
-    assert {r["comparison"] for r in grid} == {"kd1 T=1.0 α=0.5", "kd1 T=4.0 α=0.5"}
+    assert {r["comparison"] for r in grid} == {"kd1 T=1 α=0.5", "kd1 T=4 α=0.5"}
     expected = {t: compare(_values(results, "kd1", t), b0, paired=True) for t in (1.0, 4.0)}
     adjusted = holm([expected[1.0].p, expected[4.0].p])
     for row in grid:
-        t = 1.0 if "T=1.0" in row["comparison"] else 4.0
+        t = 1.0 if "T=1 " in row["comparison"] else 4.0
         c = expected[t]
         got = [float(row[k]) for k in ("n", "mean_diff", "ci_low", "ci_high", "t", "p", "cohens_dz", "p_holm")]
         want = [c.n, c.mean_diff, c.ci_low, c.ci_high, c.t, c.p, c.cohens_d, adjusted[0 if t == 1.0 else 1]]
@@ -98,7 +98,7 @@ def test_significance_matches_compare_on_the_same_data(sweep, tmp_path):
     val = {t: describe({r["seed"]: r["main_metric"]["validation_value"] for r in results if r["method"] == "kd1"
                         and r["config"]["method"]["temperature"] == t})[0] for t in (1.0, 4.0)}
     best = 1.0 if val[1.0] >= val[4.0] else 4.0
-    assert method_row["comparison"] == f"kd1 T={best} α=0.5"
+    assert method_row["comparison"] == f"kd1 T={best:g} α=0.5"
     assert float(method_row["p_holm"]) == pytest.approx(expected[best].p, nan_ok=True)  # a family of one
 
 

@@ -175,7 +175,8 @@ def test_fair_compare_tunes_every_method_then_reruns_the_best(tmp_path):
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert {r["protocol"] for r in rows.values()} == {"fair_compare"} and rows["b0"]["n_seeds"] == "2"
     lr = manifest["best"]["b0"]["params"]["train.lr"]
-    assert f"lr={lr}" in rows["b0"]["config"]  # the reported B0 is the tuned one
+    assert json.loads(rows["b0"]["params"])["train.lr"] == lr  # the reported B0 is the tuned one, exactly
+    assert f"lr={lr:.4g}" in rows["b0"]["config"]
     report = (out / "report" / "report.md").read_text()
     assert "fair_compare: every method (B0 included) tuned with the same budget — 2 Optuna trial(s)" in report
     assert "4 fair_compare tuning trial(s)" in report
