@@ -115,9 +115,9 @@ def _decimals(x: float) -> int:
 
 def _ci(mean: float, low: float, high: float) -> str:
     """[low, high] to the mean difference's decimal places ([0.1100, 0.1996], not [0.11, 0.1996])."""
-    if any(isinstance(x, float) and not math.isfinite(x) for x in (mean, low, high)) or not _decimals(mean):
-        return f"[{_fmt(low)}, {_fmt(high)}]"
     d = _decimals(mean)
+    if any(isinstance(x, float) and not math.isfinite(x) for x in (mean, low, high)) or not d:
+        return f"[{_fmt(low)}, {_fmt(high)}]"
     return f"[{low:.{d}f}, {high:.{d}f}]"
 
 
@@ -256,24 +256,34 @@ def _tex(text: str) -> str:
     return "".join(LATEX.get(ch, ch) for ch in text)
 
 
-def _latex_table(caption: str, md_lines: list[str]) -> str:
-    """A booktabs table (\\usepackage{booktabs}) with the same cell text as the Markdown/HTML tables."""
-    blocks: list[list[list[str]]] = []
+def _md_blocks(md_lines: list[str]) -> list[list[list[str]] | str]:
+    """The Markdown lines produced above as a list of tables (rows of raw cell text) and non-empty text lines, so
+    the HTML page and the LaTeX tables show the same cells as the .md files."""
+    blocks: list[list[list[str]] | str] = []
     for line in md_lines:
         if line.startswith("|---"):
             continue
         if line.startswith("|"):
-            cells = [_tex(c.strip().replace("\\|", "|")) for c in line.strip().strip("|").split(" | ")]
-            if not blocks or blocks[-1] is None:
+            if not blocks or isinstance(blocks[-1], str):
                 blocks.append([])
-            blocks[-1].append(cells)
-        elif blocks and blocks[-1] is not None:
-            blocks.append(None)  # a grid table per "other" setting: one tabular each
-    tabulars = [[r"\begin{tabular}{" + "l" * len(b[0]) + "}", r"\toprule", " & ".join(b[0]) + r" \\",
-                 r"\midrule", *(" & ".join(row) + r" \\" for row in b[1:]), r"\bottomrule", r"\end{tabular}"]
-                for b in blocks if b]
-    body = [line for t in tabulars for line in t] or ["(no rows)"]
-    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(caption)}}}", *body,
+            blocks[-1].append([c.strip().replace("\\|", "|") for c in line.strip().strip("|").split(" | ")])
+        elif line:
+            blocks.append(line)
+        elif blocks and not isinstance(blocks[-1], str):
+            blocks.append("")  # a blank line ends a table: the next one (e.g. another grid) starts anew
+    return [b for b in blocks if b != ""]
+
+
+def _latex_table(caption: str, md_lines: list[str]) -> str:
+    """A booktabs table (\\usepackage{booktabs}) with the same cell text as the Markdown/HTML tables."""
+    body = []
+    for b in _md_blocks(md_lines):
+        if isinstance(b, str):
+            continue
+        rows = [" & ".join(_tex(c) for c in row) + r" \\" for row in b]
+        body += [r"\begin{tabular}{" + "l" * len(b[0]) + "}", r"\toprule", rows[0], r"\midrule", *rows[1:],
+                 r"\bottomrule", r"\end{tabular}"]
+    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(caption)}}}", *(body or ["(no rows)"]),
                       r"\end{table}", ""])
 
 
@@ -304,20 +314,12 @@ def write_html(path: Path, tables: dict, images: list[Path], summary: str) -> No
 
 
 def _html_table(md_lines: list[str]) -> str:
-    """Render the Markdown lines produced above, so the page and the .md files show the same cell text."""
-    out, in_table = [], False
-    for line in md_lines:
-        if line.startswith("|---"):
+    out = []
+    for b in _md_blocks(md_lines):
+        if isinstance(b, str):
+            out.append(f"<p>{html.escape(b.strip('*'))}</p>")
             continue
-        if line.startswith("|"):
-            cells = [html.escape(c.strip().replace("\\|", "|")) for c in line.strip("|").split(" | ")]
-            tag = "td" if in_table else "th"
-            out.append(("" if in_table else "<table>") + "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells)
-                       + "</tr>")
-            in_table = True
-            continue
-        out.append("</table>" if in_table else "")
-        in_table = False
-        if line:
-            out.append(f"<p>{html.escape(line.strip('*'))}</p>")
-    return "".join(out) + ("</table>" if in_table else "")
+        rows = ["".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in row)
+                for i, row in enumerate(b)]
+        out.append("<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>")
+    return "".join(out)

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -36,3 +37,22 @@ def run_cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "kdexp", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+def results(cfg) -> dict:
+    return json.loads((Path(cfg.output_dir) / "results.json").read_text())
+
+
+def student_weights(cfg) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(cfg.output_dir) / "student" / "model.safetensors"))
+
+
+def assert_same_student(a, b) -> None:
+    """Two finished runs trained bit for bit the same student: equal weights, equal eval metrics."""
+    import torch
+
+    wa, wb = student_weights(a), student_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert results(a)["metrics"] == results(b)["metrics"]

@@ -6,20 +6,14 @@ import pytest
 import torch
 
 from kdexp.main import run
-from tests.conftest import SMOKE, run_cli
-
-
-def _results(cfg) -> dict:
-    from pathlib import Path
-
-    return json.loads((Path(cfg.output_dir) / "results.json").read_text())
+from tests.conftest import SMOKE, results, run_cli
 
 
 @pytest.mark.parametrize("task", ["sst2", "squad"])
 def test_b0_end_to_end(task, make_cfg):
     cfg = make_cfg(*SMOKE, f"task={task}", "method=b0")
     value = run(cfg)
-    res = _results(cfg)
+    res = results(cfg)
     assert res["status"] == "complete" and res["method"] == "b0" and res["task"] == task
     main = "accuracy" if task == "sst2" else "f1"
     assert res["main_metric"]["name"] == main and res["main_metric"]["validation_value"] == value
@@ -47,15 +41,15 @@ def test_registry_skips_completed_run_and_force_reruns(make_cfg, caplog):
     assert not (again.output_dir and __import__("os").path.exists(f"{again.output_dir}/results.json"))
     forced = make_cfg(*SMOKE, "force=true", out="c")
     run(forced)
-    assert _results(forced)["run_key"] == _results(first)["run_key"]
+    assert results(forced)["run_key"] == results(first)["run_key"]
 
 
 def test_teacher_prepared_once_and_reused(make_cfg):
     run(make_cfg(*SMOKE, "seed=1", out="a"))
     second = make_cfg(*SMOKE, "seed=2", out="b")
     run(second)
-    info = _results(second)["teacher_info"]
-    assert info["prepared"] and info["reused"] and "teacher_prepare_s" in _results(second)["timings_s"]
+    info = results(second)["teacher_info"]
+    assert info["prepared"] and info["reused"] and "teacher_prepare_s" in results(second)["timings_s"]
     # The key does not cover thread count or device, yet the weights depend on them (docs/design.md): recorded.
     assert info["prepared_with"] == {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                                      "device": "cpu"}
@@ -66,12 +60,12 @@ def test_same_seed_same_metrics(make_cfg):
     b = make_cfg(*SMOKE, "seed=7", "force=true", out="b")
     run(a)
     run(b)
-    ra, rb = _results(a), _results(b)
+    ra, rb = results(a), results(b)
     assert ra["metrics"] == rb["metrics"]
     assert [h["loss"] for h in ra["train_log"] if "loss" in h] == [h["loss"] for h in rb["train_log"] if "loss" in h]
     c = make_cfg(*SMOKE, "seed=8", out="c")
     run(c)
-    assert _results(c)["train_log"] != ra["train_log"]
+    assert results(c)["train_log"] != ra["train_log"]
 
 
 def test_eval_method_evaluates_saved_student(make_cfg):
@@ -80,7 +74,7 @@ def test_eval_method_evaluates_saved_student(make_cfg):
     ev = make_cfg(*SMOKE, "method=eval", f"student.path={trained.output_dir}/student",
                   f"student.tokenizer={trained.output_dir}/student", out="eval")
     run(ev)
-    assert _results(ev)["metrics"]["accuracy"] == _results(trained)["metrics"]["accuracy"]
+    assert results(ev)["metrics"]["accuracy"] == results(trained)["metrics"]["accuracy"]
 
 
 @pytest.mark.slow

@@ -1,23 +1,13 @@
 """KD1 end to end: B0 equivalence at alpha=0, cached vs online teacher, cache reuse, bad input."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kdexp.main import run
 from kdexp.schema import validate
-from tests.conftest import SMOKE, compose_cfg
-
-
-def _results(cfg) -> dict:
-    return json.loads((Path(cfg.output_dir) / "results.json").read_text())
-
-
-def _weights(cfg) -> dict:
-    return load_file(str(Path(cfg.output_dir) / "student" / "model.safetensors"))
+from tests.conftest import SMOKE, assert_same_student, compose_cfg, results
 
 
 def test_alpha_zero_trains_exactly_like_b0(make_cfg):
@@ -25,9 +15,7 @@ def test_alpha_zero_trains_exactly_like_b0(make_cfg):
     kd = make_cfg(*SMOKE, "method=kd1", "method.alpha=0", "method.unlabeled_samples=0", "seed=3", out="kd")
     run(b0)
     run(kd)
-    wb, wk = _weights(b0), _weights(kd)
-    assert wb.keys() == wk.keys() and all(torch.equal(wb[k], wk[k]) for k in wb)
-    assert _results(b0)["metrics"] == _results(kd)["metrics"]
+    assert_same_student(b0, kd)
 
 
 def test_cached_and_online_teacher_agree(make_cfg):
@@ -36,12 +24,12 @@ def test_cached_and_online_teacher_agree(make_cfg):
                       "method.teacher_signal=online", out="online")
     run(cached)
     run(online)
-    kd_c = [h["loss_kd"] for h in _results(cached)["train_log"] if "loss_kd" in h]
-    kd_o = [h["loss_kd"] for h in _results(online)["train_log"] if "loss_kd" in h]
+    kd_c = [h["loss_kd"] for h in results(cached)["train_log"] if "loss_kd" in h]
+    kd_o = [h["loss_kd"] for h in results(online)["train_log"] if "loss_kd" in h]
     assert kd_c and len(kd_c) == len(kd_o)
     # Same batches and init; the cache keeps top-64 exactly and summarises the tail, so values nearly coincide.
     assert kd_c == pytest.approx(kd_o, abs=2e-3, rel=0.02)
-    assert _results(cached)["teacher_cache"]["tokens"] > 0 and "teacher_cache" not in _results(online)
+    assert results(cached)["teacher_cache"]["tokens"] > 0 and "teacher_cache" not in results(online)
 
 
 def test_cache_built_once_for_a_sweep(make_cfg, caplog):
@@ -55,7 +43,7 @@ def test_cache_built_once_for_a_sweep(make_cfg, caplog):
 def test_unlabeled_transfer_set_only_feeds_kd(make_cfg):
     cfg = make_cfg(*SMOKE, "method=kd1", "method.unlabeled_samples=32", out="u")
     run(cfg)
-    res = _results(cfg)
+    res = results(cfg)
     assert res["data"]["unlabeled"] == 32 and res["data"]["student_labelled"] == 32
     assert all("loss_kd" in h for h in res["train_log"] if "loss" in h)
 

@@ -5,27 +5,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kdexp import kd2
 from kdexp.main import run
 from kdexp.schema import validate
-from tests.conftest import SMOKE, compose_cfg
-
-
-def _results(cfg) -> dict:
-    return json.loads((Path(cfg.output_dir) / "results.json").read_text())
-
-
-def _weights(cfg) -> dict:
-    return load_file(str(Path(cfg.output_dir) / "student" / "model.safetensors"))
+from tests.conftest import SMOKE, assert_same_student, compose_cfg, results, student_weights
 
 
 @pytest.mark.parametrize("task", ["sst2", "squad"])
 def test_kd2_end_to_end(task, make_cfg):
     cfg = make_cfg(*SMOKE, f"task={task}", "method=kd2")
     run(cfg)
-    res = _results(cfg)
+    res = results(cfg)
     assert res["status"] == "complete" and res["method"] == "kd2"
     info = res["kd2"]
     gen = info["generations"]
@@ -59,10 +50,10 @@ def test_generation_cache_reused_and_gold_mix_blends(make_cfg, monkeypatch):
     second = make_cfg(*SMOKE, "task=squad", "method=kd2", "seed=2", "method.gold_mix=0.5",
                       "method.decoding.top_p=0.5", out="b")
     run(second)
-    a, b = _results(first)["kd2"], _results(second)["kd2"]
+    a, b = results(first)["kd2"], results(second)["kd2"]
     assert b["generations"]["reused"] and b["generations"]["path"] == a["generations"]["path"]
     assert b["train_prompts"] == 64 and b["train_rows"] == 96  # 32 labelled prompts carry a gold row too
-    for h in (h for h in _results(second)["train_log"] if "loss" in h):
+    for h in (h for h in results(second)["train_log"] if "loss" in h):
         assert h["loss"] == pytest.approx(0.5 * h["loss_ce_teacher"] + 0.5 * h["loss_ce_gold"], rel=1e-4)
     beam = make_cfg(*SMOKE, "task=squad", "method=kd2", "method.decoding.strategy=beam", out="c")
     with pytest.raises(AssertionError, match="teacher generated"):
@@ -74,11 +65,9 @@ def test_gold_mix_one_trains_exactly_like_b0(make_cfg):
     seq = make_cfg(*SMOKE, "method=kd2", "method.gold_mix=1", "seed=3", out="kd2")
     run(b0)
     run(seq)
-    wb, wk = _weights(b0), _weights(seq)
-    assert wb.keys() == wk.keys() and all(torch.equal(wb[k], wk[k]) for k in wb)
+    assert_same_student(b0, seq)
     # The unlabelled transfer prompts have no gold row, so with gold_mix=1 they drop out entirely.
-    assert _results(seq)["kd2"]["train_prompts"] == 32
-    assert _results(b0)["metrics"] == _results(seq)["metrics"]
+    assert results(seq)["kd2"]["train_prompts"] == 32
 
 
 def _tiny_lm(vocab: int, seed: int = 0):
@@ -130,9 +119,9 @@ def test_cross_tokenizer_pair_accepted_for_kd2(make_cfg, tmp_path):
     tok.save_pretrained(tmp_path / "other_tok")
     cfg = make_cfg(*SMOKE, "method=kd2", f"student.tokenizer={tmp_path / 'other_tok'}", out="x")
     run(cfg)
-    res = _results(cfg)
+    res = results(cfg)
     assert res["status"] == "complete"
-    assert _weights(cfg)["model.embed_tokens.weight"].shape[0] == len(tok)  # the student kept its own vocabulary
+    assert student_weights(cfg)["model.embed_tokens.weight"].shape[0] == len(tok)  # kept its own vocab
 
 
 @pytest.mark.parametrize("override,key", [

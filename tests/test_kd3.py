@@ -1,6 +1,5 @@
 """KD3 feature KD: layer maps, hidden-state capture, feature loss, projections, w_feat=0 ≡ KD1, bad input."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,7 @@ from kdexp import kd3
 from kdexp.main import run
 from kdexp.models import collate
 from kdexp.schema import validate
-from tests.conftest import SMOKE, compose_cfg
-
-
-def _results(cfg) -> dict:
-    return json.loads((Path(cfg.output_dir) / "results.json").read_text())
-
-
-def _weights(cfg) -> dict:
-    return load_file(str(Path(cfg.output_dir) / "student" / "model.safetensors"))
+from tests.conftest import SMOKE, assert_same_student, compose_cfg, results, student_weights
 
 
 def _tiny_lm(layers: int, hidden: int = 32, seed: int = 0):
@@ -112,7 +103,7 @@ def test_feature_token_mask_answer_positions_predict_the_answer():
 def test_kd3_end_to_end(task, make_cfg):
     cfg = make_cfg(*SMOKE, f"task={task}", "method=kd3", "method.feature_norm=layernorm")
     run(cfg)
-    res = _results(cfg)
+    res = results(cfg)
     assert res["status"] == "complete" and res["method"] == "kd3"
     assert res["kd3"]["layer_map"] == [[1, 1]] and res["kd3"]["projections"] is None  # smoke: same widths
     steps = [h for h in res["train_log"] if "loss" in h]
@@ -129,17 +120,15 @@ def test_w_feat_zero_trains_exactly_like_kd1(make_cfg):
     feat = make_cfg(*common, "method=kd3", "method.w_ce=0.75", "method.w_kl=0.25", "method.w_feat=0", out="kd3")
     run(kd1)
     run(feat)
-    w1, w3 = _weights(kd1), _weights(feat)
-    assert w1.keys() == w3.keys() and all(torch.equal(w1[k], w3[k]) for k in w1)
-    assert _results(kd1)["metrics"] == _results(feat)["metrics"]
-    assert all("loss_feat" not in h for h in _results(feat)["train_log"])
+    assert_same_student(kd1, feat)
+    assert all("loss_feat" not in h for h in results(feat)["train_log"])
 
 
 def test_projections_trained_saved_and_kept_out_of_the_student(make_cfg):
     cfg = make_cfg(*SMOKE, "method=kd3", "student.arch.hidden_size=16", "method.layer_map=[[0,0],[1,1]]",
                    "method.feature_tokens=answer", "method.feature_loss=cosine", out="proj")
     run(cfg)
-    info = _results(cfg)["kd3"]
+    info = results(cfg)["kd3"]
     assert info["layer_map"] == [[0, 0], [1, 1]] and (info["student_hidden"], info["teacher_hidden"]) == (16, 32)
     saved = load_file(info["projections"])
     assert set(saved) == {"s0_t0.weight", "s0_t0.bias", "s1_t1.weight", "s1_t1.bias"}
@@ -148,10 +137,10 @@ def test_projections_trained_saved_and_kept_out_of_the_student(make_cfg):
     assert not torch.equal(init["s1_t1"].weight.detach(), saved["s1_t1.weight"])  # trained with the student
     from kdexp.models import build_model
 
-    student = _weights(cfg)
+    student = student_weights(cfg)
     plain = build_model(cfg.student, student["model.embed_tokens.weight"].shape[0], cfg.seed, cfg.hardware)
     assert set(student) <= set(plain.state_dict()) and not any("kd3" in k for k in student)
-    assert sum(v.numel() for v in student.values()) == _results(cfg)["efficiency"]["student"]["total_params"]
+    assert sum(v.numel() for v in student.values()) == results(cfg)["efficiency"]["student"]["total_params"]
 
 
 def test_model_depth_reads_a_local_models_config(tmp_path):

@@ -1,7 +1,6 @@
 """LoRA students (peft): merged == adapter outputs, a standalone merged student on disk, KD3 projections outside the
 adapter, and one-line errors for bad adapters and for quantization this platform cannot load."""
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,13 +12,10 @@ from kdexp.main import run
 from kdexp.models import build_model, collate, encode, load_tokenizer
 from kdexp.schema import validate
 from kdexp.tasks import load_task
-from tests.conftest import SMOKE, compose_cfg
+from tests.conftest import SMOKE, compose_cfg, results
 
 LORA = ["student.lora.enabled=true", "student.lora.r=4", "student.lora.alpha=8"]
 
-
-def _results(cfg) -> dict:
-    return json.loads((Path(cfg.output_dir) / "results.json").read_text())
 
 
 def _batch(cfg, n=8):
@@ -61,7 +57,7 @@ def test_lora_kd1_run_saves_a_standalone_merged_student(make_cfg):
 
     cfg = make_cfg(*SMOKE, "method=kd1", *LORA, "train.lr=1e-2")
     run(cfg)
-    res, out = _results(cfg), Path(cfg.output_dir)
+    res, out = results(cfg), Path(cfg.output_dir)
     assert res["lora"]["merged"] and res["lora"]["adapter_params"] > 0
     # Only the adapter trained: the param-group table counts exactly its parameters.
     assert sum(r["params"] for r in res["param_groups"]) == res["lora"]["adapter_params"]
@@ -80,7 +76,7 @@ def test_lora_kd1_run_saves_a_standalone_merged_student(make_cfg):
 def test_lora_kd3_projections_train_outside_the_adapter(make_cfg):
     cfg = make_cfg(*SMOKE, "method=kd3", *LORA, "teacher.arch.hidden_size=64", "teacher.arch.num_heads=2")
     run(cfg)
-    res = _results(cfg)
+    res = results(cfg)
     assert res["kd3"]["projection_params"] > 0
     trained = sum(r["params"] for r in res["param_groups"])
     assert trained == res["lora"]["adapter_params"] + res["kd3"]["projection_params"]

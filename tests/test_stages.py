@@ -1,6 +1,5 @@
 """Multi-stage training: per-stage loss weights, freezing and schedules, stage tags on every log entry, bad input."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -9,18 +8,14 @@ from safetensors.torch import load_file
 
 from kdexp.main import run
 from kdexp.schema import validate
-from tests.conftest import SMOKE, compose_cfg
-
-
-def _results(cfg) -> dict:
-    return json.loads((Path(cfg.output_dir) / "results.json").read_text())
+from tests.conftest import SMOKE, compose_cfg, results
 
 
 def test_two_stages_rebuild_optimizer_and_apply_their_own_settings(make_cfg):
     cfg = make_cfg(*SMOKE, "method=kd1", "stage=two_stage", "train.epochs=2", "stage.stages.1.loss={alpha: 0.0}",
                    "stage.stages.1.lr=5e-4")
     run(cfg)
-    res = _results(cfg)
+    res = results(cfg)
     first, second = res["stages"]
     assert (first["name"], second["name"]) == ("distill_upper", "all_layers")
     assert first["loss_weights"] == {"alpha": 0.9} and second["lr"] == 5e-4 and first["lr"] == cfg.train.lr
@@ -45,8 +40,8 @@ def test_one_plain_stage_is_exactly_stage_single(make_cfg):
     a = load_file(str(Path(single.output_dir) / "student" / "model.safetensors"))
     b = load_file(str(Path(staged.output_dir) / "student" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _results(single)["metrics"] == _results(staged)["metrics"]
-    assert len(_results(single)["stages"]) == 1 and _results(single)["train_log"][0]["stage"] == 0
+    assert results(single)["metrics"] == results(staged)["metrics"]
+    assert len(results(single)["stages"]) == 1 and results(single)["train_log"][0]["stage"] == 0
 
 
 @pytest.mark.parametrize("overrides,message", [
