@@ -1,4 +1,4 @@
-"""Entry point: compose, validate, seed, dispatch to a method runner, write results.json, return the metric.
+"""Entry point: compose, validate, seed, dispatch to the method's module, write results.json, return the metric.
 
 The return value is the task's main metric on the VALIDATION split: Hydra sweepers (Optuna) optimise what main
 returns, and selection must never see the eval split. Reported numbers come from ``metrics`` (eval) in results.json.
@@ -14,35 +14,33 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from kdexp import distill, distributed, kd2, kd3, registry, resilience, runners, wandb_log
-from kdexp.schema import register_configs, validate
-from kdexp.sweeps import register_resolvers
-from kdexp.utils import atomic_write_json, seed_everything
+from kdexp import methods
+from kdexp.config import CONF_DIR
+from kdexp.core import distributed, resume
+from kdexp.core.artefacts import atomic_write_json, seed_everything
+from kdexp.experiments import registry, wandb_log
+from kdexp.experiments.compose import register
 
 log = logging.getLogger("kdexp")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register()
 
-RUNNERS = {
-    "b0": runners.run_b0,
-    "kd1": distill.run_kd1,
-    "kd2": kd2.run_kd2,
-    "kd3": kd3.run_kd3,
-    "eval": runners.run_eval,
-}
 
-register_configs()
-register_resolvers()
+def base_results(cfg, key: str) -> dict:
+    return {
+        "status": "running", "run_key": key, "method": cfg.method.name, "task": cfg.task.name,
+        "teacher": cfg.teacher.name, "student": cfg.student.name, "seed": cfg.seed,
+        "config": OmegaConf.to_container(cfg, resolve=True), "versions": registry.versions(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run(cfg: DictConfig) -> float:
     """Run one experiment from a composed config (also callable from tests without Hydra's CLI)."""
     try:
-        validate(cfg)
+        methods.validate(cfg)
         distributed.setup_launch(cfg)
-        if cfg.method.name not in RUNNERS:
-            raise ValueError(f"method.name={cfg.method.name!r} must be one of {', '.join(RUNNERS)}")
     except ValueError as err:
         sys.exit(f"kdexp: config error: {err}")
     key = registry.run_key(cfg)
@@ -59,12 +57,12 @@ def run(cfg: DictConfig) -> float:
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = runners.base_results(cfg, key)
+    results = base_results(cfg, key)
     tracker = wandb_log.start(cfg, out_dir) if distributed.is_main_process() else None  # None unless logger=wandb
     start = time.perf_counter()
     try:
         # hardware=ddp: ranks other than 0 write into a throwaway directory, never results/registry/W&B.
-        results.update(RUNNERS[cfg.method.name](cfg, distributed.rank_output_dir(out_dir)))
+        results.update(methods.get(cfg.method.name).run(cfg, distributed.rank_output_dir(out_dir), key))
     except ValueError as err:  # bad input found once data/tokenizers are known (e.g. vocabulary mismatch)
         sys.exit(f"kdexp: error: {err}")
     if not distributed.is_main_process():
@@ -73,7 +71,7 @@ def run(cfg: DictConfig) -> float:
     results["status"] = "complete"
     atomic_write_json(out_dir / "results.json", results)
     registry.record(cfg, key, out_dir / "results.json")
-    resilience.clear_checkpoints(cfg, key)  # train.save_steps: the run is complete, nothing left to resume
+    resume.clear_checkpoints(cfg, key)  # train.save_steps: the run is complete, nothing left to resume
     wandb_log.finish(tracker, results)
     main = results["main_metric"]
     log.info("done in %.1fs: %s eval %s=%.4f (validation %.4f, teacher %s) -> %s", results["wall_time_s"],

@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from kdexp.main import CONF_DIR
+from kdexp.experiments.compose import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 # A tiny, seconds-long setup on real embedded data: the `smoke` experiment preset plus small eval sets.
@@ -18,8 +17,7 @@ def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
     extra = []
     if tmp_path is not None:
         extra = [f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides + extra)
+    return compose(overrides + extra)
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from kdexp.main import CONF_DIR
-from kdexp.schema import validate
+from kdexp.config import CONF_DIR
+from kdexp.methods import validate
 from tests.conftest import compose_cfg, run_cli
 
 GROUPS = ["teacher", "student", "task", "method", "hardware", "stage", "experiment"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdexp.main import run
-from kdexp.schema import validate
+from kdexp.methods import validate
 from tests.conftest import SMOKE, assert_same_student, compose_cfg, results
 
 
@@ -71,7 +71,7 @@ def test_top_k_larger_than_vocab_fails_before_training(make_cfg):
 
 @pytest.mark.parametrize("method", ["kd1", "kd3"])  # kd2 accepts a different tokenizer: tests/test_kd2.py
 def test_vocabulary_mismatch_rejected(method, make_cfg, tmp_path):
-    from kdexp.models import load_tokenizer
+    from kdexp.core.models import load_tokenizer
 
     tok = load_tokenizer(compose_cfg([], tmp_path).student)
     tok.add_tokens(["<extra_student_token>"])
@@ -83,9 +83,9 @@ def test_vocabulary_mismatch_rejected(method, make_cfg, tmp_path):
 
 
 def test_cached_forward_kl_fast_path_equals_dense_reconstruction():
-    from kdexp.cache import rows_from_logits, teacher_logits_from_cache
-    from kdexp.distill import cached_forward_kl
-    from kdexp.losses import forward_kl
+    from kdexp.core.losses import forward_kl
+    from kdexp.core.teacher_cache import rows_from_logits, teacher_logits_from_cache
+    from kdexp.methods.kd1 import cached_forward_kl
 
     torch.manual_seed(0)
     vocab = 3000

@@ -6,10 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdexp import kd3
+from kdexp.core.models import collate
 from kdexp.main import run
-from kdexp.models import collate
-from kdexp.schema import validate
+from kdexp.methods import kd3, validate
 from tests.conftest import SMOKE, assert_same_student, compose_cfg, results, student_weights
 
 
@@ -87,9 +86,9 @@ def test_feature_distance():
 
 
 def test_feature_token_mask_answer_positions_predict_the_answer():
-    from kdexp.models import Feature
+    from kdexp.core.models import Encoded
 
-    batch = collate([Feature([5, 6, 7], [8, 9], 0), Feature([5], [8, 9, 10], 1)], pad_id=0)
+    batch = collate([Encoded([5, 6, 7], [8, 9], 0), Encoded([5], [8, 9, 10], 1)], pad_id=0)
     # Row 0 is 5 6 7 8 9: positions 2 (7 → 8) and 3 (8 → 9) predict answer tokens; row 1 is pad 5 8 9 10.
     answer = kd3.feature_token_mask(batch, "answer")
     assert answer[0].nonzero().flatten().tolist() == [2, 3] and answer[1].nonzero().flatten().tolist() == [1, 2, 3]
@@ -135,7 +134,7 @@ def test_projections_trained_saved_and_kept_out_of_the_student(make_cfg):
     assert saved["s1_t1.weight"].shape == (32, 16) and info["projection_params"] == 2 * (16 * 32 + 32)
     init = kd3.build_projections([(0, 0), (1, 1)], 16, 32, seed=cfg.seed)
     assert not torch.equal(init["s1_t1"].weight.detach(), saved["s1_t1.weight"])  # trained with the student
-    from kdexp.models import build_model
+    from kdexp.core.models import build_model
 
     student = student_weights(cfg)
     plain = build_model(cfg.student, student["model.embed_tokens.weight"].shape[0], cfg.seed, cfg.hardware)
@@ -197,9 +196,10 @@ def test_cli_bad_layer_map_and_decoding_exit_nonzero_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_bench_kd3_measures_every_method():
-    from kdexp.bench_kd23 import METHODS, bench_kd3
+    from kdexp.bench.kd3 import METHODS, bench_kd3
 
     out = bench_kd3(steps=2, warmup=1, rounds=1, overrides=("task.max_train_samples=48",))
     assert set(out["step_time_s"]) == set(METHODS) and all(v > 0 for v in out["step_time_s"].values())
     assert set(out["peak_rss_mb"]) == {"setup", *METHODS} and all(v > 0 for v in out["peak_rss_mb"].values())
     assert out["peak_rss_ratio"]["kd3/kd1"] > 0 and out["student"] == "1x64" and out["teacher"] == "3x128"
+    assert set(out["setup_rss_mb"]) == set(out["train_rss_increment_mb"]) == set(METHODS)

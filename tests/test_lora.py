@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kdexp.lora import merged_student, wrap_student
+from kdexp.core.lora import merged_student, wrap_student
+from kdexp.core.models import build_model, collate, encode, load_tokenizer
+from kdexp.core.tasks import load_task
 from kdexp.main import run
-from kdexp.models import build_model, collate, encode, load_tokenizer
-from kdexp.schema import validate
-from kdexp.tasks import load_task
+from kdexp.methods import validate
 from tests.conftest import SMOKE, compose_cfg, results
 
 LORA = ["student.lora.enabled=true", "student.lora.r=4", "student.lora.alpha=8"]

@@ -1,4 +1,4 @@
-"""Identities and golden numbers for kdexp.losses."""
+"""Identities and golden numbers for kdexp.core.losses."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdexp.losses import (
+from kdexp.core.losses import (
     DIVERGENCES,
     IGNORE_INDEX,
     distillation_loss,
@@ -260,7 +260,7 @@ def test_resolve_divergence():
         "prob_cosine": prob_cosine,
     }
     assert all(resolve_divergence(name) is fn for name, fn in names.items()) and DIVERGENCES == names
-    assert resolve_divergence("kdexp.losses.reverse_kl") is reverse_kl
+    assert resolve_divergence("kdexp.core.losses.reverse_kl") is reverse_kl
     custom = resolve_divergence(f"{__name__}.my_div")
     s, t = _logits(29), _logits(30)
     assert torch.equal(custom(s, t), tvd(s, t))
@@ -276,8 +276,8 @@ def test_resolve_divergence_errors():
     with pytest.raises(ValueError) as info:
         resolve_divergence("xyz")
     assert str(info.value) == message
-    for bad in ("no_such_pkg_kdexp.fn", "kdexp.losses.no_such_fn"):
+    for bad in ("no_such_pkg_kdexp.fn", "kdexp.core.losses.no_such_fn"):
         with pytest.raises(ValueError, match="method.divergence"):
             resolve_divergence(bad)
     with pytest.raises(TypeError, match="method.divergence"):
-        resolve_divergence("kdexp.losses.IGNORE_INDEX")
+        resolve_divergence("kdexp.core.losses.IGNORE_INDEX")

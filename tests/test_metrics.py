@@ -2,7 +2,7 @@ import warnings
 
 import pytest
 
-from kdexp.metrics import accuracy, exact_match_score, f1_score, normalize_answer, squad_scores
+from kdexp.core.metrics import accuracy, exact_match_score, f1_score, normalize_answer, squad_scores
 
 
 @pytest.mark.parametrize(

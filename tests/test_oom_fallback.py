@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdexp import resilience
+from kdexp.core import teacher as teacher_module
+from kdexp.core.teacher import prepare_teacher
 from kdexp.main import run
-from kdexp.schema import validate
-from kdexp.teacher import prepare_teacher
+from kdexp.methods import validate
 from tests.conftest import SMOKE, compose_cfg
 
 # A small teacher preset, written where the fallback lookup reads presets (monkeypatched to tmp_path).
@@ -28,7 +28,7 @@ def presets(tmp_path, monkeypatch):
     folder = tmp_path / "presets"
     folder.mkdir()
     (folder / "tiny-small.yaml").write_text(SMALL)
-    monkeypatch.setattr(resilience, "preset_path", lambda name: folder / f"{name}.yaml")
+    monkeypatch.setattr(teacher_module, "preset_path", lambda name: folder / f"{name}.yaml")
     return folder
 
 
@@ -44,7 +44,7 @@ def _oom_for(name: str, calls: list, error=None):
 
 def test_oom_teacher_falls_back_once_and_records_it(make_cfg, presets, monkeypatch, caplog):
     calls = []
-    monkeypatch.setattr("kdexp.teacher.prepare_teacher", _oom_for("tiny", calls))
+    monkeypatch.setattr("kdexp.core.teacher.prepare_teacher", _oom_for("tiny", calls))
     cfg = make_cfg(*SMOKE, "method=kd1", "teacher.fallback=tiny-small")
     with caplog.at_level(logging.WARNING):
         run(cfg)
@@ -60,17 +60,17 @@ def test_oom_teacher_falls_back_once_and_records_it(make_cfg, presets, monkeypat
 
 def test_cuda_oom_runtime_error_counts_too_but_other_errors_do_not(make_cfg, presets, monkeypatch):
     calls = []
-    monkeypatch.setattr("kdexp.teacher.prepare_teacher",
+    monkeypatch.setattr("kdexp.core.teacher.prepare_teacher",
                         _oom_for("tiny", calls, RuntimeError("CUDA error: out of memory")))
     run(make_cfg(*SMOKE, "method=b0", "teacher.fallback=tiny-small", out="a"))
     assert calls == ["tiny", "tiny-small"]
-    monkeypatch.setattr("kdexp.teacher.prepare_teacher", _oom_for("tiny", [], RuntimeError("shape mismatch")))
+    monkeypatch.setattr("kdexp.core.teacher.prepare_teacher", _oom_for("tiny", [], RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run(make_cfg(*SMOKE, "method=b0", "teacher.fallback=tiny-small", "force=true", out="b"))
 
 
 def test_without_fallback_or_when_the_fallback_also_fails_the_oom_propagates(make_cfg, presets, monkeypatch):
-    monkeypatch.setattr("kdexp.teacher.prepare_teacher", _oom_for("tiny", []))
+    monkeypatch.setattr("kdexp.core.teacher.prepare_teacher", _oom_for("tiny", []))
     with pytest.raises(torch.OutOfMemoryError):
         run(make_cfg(*SMOKE, "method=kd1", out="none"))
     calls = []
@@ -79,7 +79,7 @@ def test_without_fallback_or_when_the_fallback_also_fails_the_oom_propagates(mak
         calls.append(cfg.teacher.name)
         raise torch.OutOfMemoryError("out of memory")
 
-    monkeypatch.setattr("kdexp.teacher.prepare_teacher", both)
+    monkeypatch.setattr("kdexp.core.teacher.prepare_teacher", both)
     cfg = make_cfg(*SMOKE, "method=kd1", "teacher.fallback=tiny-small", out="both")
     with pytest.raises(torch.OutOfMemoryError):
         run(cfg)

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from kdexp.core.models import build_model
+from kdexp.core.param_groups import format_table, plan_groups
 from kdexp.main import run
-from kdexp.models import build_model
-from kdexp.param_groups import format_table, plan_groups
-from kdexp.schema import validate
+from kdexp.methods import validate
 from tests.conftest import SMOKE, compose_cfg
 
 
@@ -66,7 +66,7 @@ def test_zero_multiplier_leaves_parameters_out_and_table_counts_them():
 
 
 def test_pattern_matching_nothing_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="kdexp.param_groups"):
+    with caplog.at_level(logging.WARNING, logger="kdexp.core.param_groups"):
         plan_groups(Block(), [{"pattern": "proj", "lr_multiplier": 1.0}, {"pattern": "q_proj", "lr_multiplier": 3.0},
                               {"pattern": "nope", "lr_multiplier": 1.0}], 1e-3, 0.0)
     assert "optim.param_groups[1].pattern='q_proj' matches no trainable parameter" in caplog.text

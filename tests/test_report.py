@@ -1,4 +1,4 @@
-"""kdexp.report on a real small sweep (tiny pair, smoke sizes): every table and figure, numbers that match stats."""
+"""The report on a real small sweep (tiny pair, smoke sizes): every table and figure, numbers that match stats."""
 
 import csv
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from kdexp.analysis.report import build
+from kdexp.analysis.stats import compare, describe, holm
 from kdexp.main import run
-from kdexp.report import build
-from kdexp.stats import compare, describe, holm
 from tests.conftest import ROOT, compose_cfg, run_cli
 
 TABLES = ["main_results", "significance", "kd1_ablation", "benchmarks"]
@@ -65,7 +65,7 @@ def test_report_has_every_table_and_figure(sweep, tmp_path):
 
 
 def test_latex_tables_escape_and_keep_every_cell():
-    from kdexp.report_tables import _latex_table
+    from kdexp.analysis.tables import _latex_table
 
     md = ["| vs B0 | 95% CI | d_z |", "|---|---|---|", "| kd1 T=1 α=0.9 | [0.1, 0.3] | 4.1 |", "",
           "*other*", "", "| a \\| b | c |", "|---|---|", "| 1 ± 0.1 | – |", ""]
@@ -131,7 +131,7 @@ def test_incomplete_and_reused_runs_are_counted(sweep, tmp_path, caplog):
     broken = tmp_path / "broken" / "0"
     broken.mkdir(parents=True)
     (broken / "results.json").write_text(json.dumps({"status": "running"}))
-    with caplog.at_level("INFO", logger="kdexp.report"):
+    with caplog.at_level("INFO", logger="kdexp.analysis.report"):
         build([sweep, tmp_path / "broken"], tmp_path / "rep")
     assert "10 complete run(s)" in caplog.text and "1 incomplete results.json" in caplog.text
     assert "3 registry skip(s) pointing at runs counted here" in caplog.text
@@ -144,7 +144,7 @@ def test_no_complete_results_is_a_one_line_error(tmp_path):
                           cwd=ROOT)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdexp.report: error: no complete results.json")
+    assert len(lines) == 1 and lines[0].startswith("kdexp.analysis.report: error: no complete results.json")
     missing = subprocess.run([sys.executable, "-m", "kdexp.report", str(tmp_path / "nope")], capture_output=True,
                              text=True, cwd=ROOT)
     assert missing.returncode != 0 and "is not a directory" in missing.stderr

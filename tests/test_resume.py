@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from kdexp.core.resume import last_checkpoint
 from kdexp.main import run
-from kdexp.resilience import last_checkpoint
-from kdexp.schema import validate
+from kdexp.methods import validate
 from tests.conftest import SMOKE, compose_cfg, run_cli
 
 # 60 optimizer steps with a checkpoint every 4: long enough to kill mid-way on a busy machine.
@@ -70,7 +70,7 @@ def test_sigkill_mid_training_then_same_command_resumes_to_identical_results(tmp
 
 
 def test_checkpoint_dir_is_keyed_by_run_not_by_output_dir(tmp_path):
-    from kdexp.training import training_args
+    from kdexp.core.training import training_args
 
     a = compose_cfg([*SMOKE, "train.save_steps=2", "output_dir=/x/1"], tmp_path)
     b = compose_cfg([*SMOKE, "train.save_steps=2", "output_dir=/y/2"], tmp_path)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdexp.main import run
-from kdexp.schema import validate
+from kdexp.methods import validate
 from tests.conftest import SMOKE, compose_cfg, results
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from kdexp.stats import Comparison, compare, describe, holm
+from kdexp.analysis.stats import Comparison, compare, describe, holm
 
-# Degenerate inputs must be answered silently; any warning leaking out of kdexp.stats is a failure.
+# Degenerate inputs must be answered silently; any warning leaking out of kdexp.analysis.stats is a failure.
 pytestmark = pytest.mark.filterwarnings("error")
 
 # Student (1908) / Cushny & Peebles sleep data, as R's `sleep` dataset: extra hours of sleep per patient.

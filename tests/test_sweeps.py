@@ -5,17 +5,17 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from omegaconf import open_dict
 
-from kdexp.main import CONF_DIR
-from kdexp.sweeps import check_sweep
+from kdexp.config import CONF_DIR
+from kdexp.experiments.compose import compose
+from kdexp.experiments.sweeps import check_sweep, share_method_knobs
 from tests.conftest import compose_cfg, run_cli
 
 
 def _hydra_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    return compose(list(overrides), hydra_config=True)
 
 
 @pytest.mark.parametrize("preset,params", [
@@ -30,8 +30,12 @@ def test_presets_carry_their_grids(preset, params, tmp_path):
     cfg = _hydra_cfg(f"experiment={preset}")
     assert dict(cfg.hydra.sweeper.params) == params
     assert cfg.hydra.sweep.dir.startswith(f"multirun/{preset}/") and cfg.experiment == preset
+    n_methods = len(params["method"].split(","))  # a knob's values are checked under every swept method
+    share_method_knobs(cfg)  # as SweepGuard does first: B0 jobs get (and drop) KD1's knobs
+    assert set(cfg.hydra.sweeper.params) == {k if k in ("task", "method", "seed") else "++" + k for k in params}
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        assert check_sweep(cfg) == sum(len(v.split(",")) for v in params.values() if "," in v)
+        assert check_sweep(cfg) == sum(len(v.split(",")) * (1 if k == "method" else n_methods)
+                                       for k, v in params.items() if "," in v)
 
 
 def test_preset_budgets(tmp_path):
@@ -74,7 +78,7 @@ def test_optuna_preset_composes(tmp_path):
 
 
 def test_optuna_budget_must_be_positive():
-    from kdexp.sweeps import resume_optuna
+    from kdexp.experiments.sweeps import resume_optuna
 
     cfg = _hydra_cfg("hydra/sweeper=kdexp_optuna", "hydra.sweeper.n_trials=0")
     with pytest.raises(ValueError, match=r"^hydra\.sweeper\.n_trials=0 must be >= 1$"):
@@ -183,8 +187,8 @@ def test_fair_compare_tunes_every_method_then_reruns_the_best(tmp_path):
 
 
 def test_fair_compare_flags_a_best_trial_at_the_edge_of_its_range():
-    from kdexp.fair_compare import at_edge
-    from kdexp.report import _protocol_note
+    from kdexp.analysis.report import _protocol_note
+    from kdexp.experiments.fair_compare import at_edge
 
     space = {"train.lr": "tag(log, interval(3e-4, 1e-2))", "train.max_steps": "tag(log, int(interval(30, 2000)))",
              "method.alpha": "interval(0, 1)", "train.epochs": "choice(1, 2, 3)"}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from kdexp.main import run
-from kdexp.schema import validate
+from kdexp.methods import validate
 from tests.conftest import SMOKE, compose_cfg
 
 
@@ -19,7 +19,7 @@ def test_bad_logger_values_name_the_key(override, key, tmp_path):
 
 
 def test_logger_is_off_by_default_and_not_part_of_the_run_key(tmp_path):
-    from kdexp.registry import run_key
+    from kdexp.experiments.registry import run_key
 
     default = compose_cfg([], tmp_path)
     assert default.logger.name == "none"
@@ -62,7 +62,7 @@ def test_wandb_offline_run_and_report(wandb_spy, make_cfg, tmp_path):
     cfg = make_cfg(*SMOKE, "logger=wandb", "method=kd1", "method.temperature=4", "method.alpha=0.7", "seed=5")
     run(cfg)
     init = seen["init"][0]
-    assert init["mode"] == "offline" and init["name"] == "sst2-kd1-T4-a0.7-s5" and init["job_type"] == "kd1"
+    assert init["mode"] == "offline" and init["name"] == "sst2-kd1-T4-α0.7-s5" and init["job_type"] == "kd1"
     assert init["config"]["method.temperature"] == 4.0 and init["config"]["seed"] == 5
     curves = [d for d in seen["log"] if "train/loss_kd" in d]
     assert curves and all("train/loss_ce" in d for d in curves)  # the Trainer's per-term losses
@@ -72,7 +72,7 @@ def test_wandb_offline_run_and_report(wandb_spy, make_cfg, tmp_path):
     assert summary["main/validation_value"] == results["main_metric"]["validation_value"]
     assert list((Path(cfg.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
 
-    from kdexp.report import build
+    from kdexp.analysis.report import build
 
     out = build([Path(cfg.output_dir)], tmp_path / "report")  # W&B on because the run used logger=wandb
     assert seen["init"][-1]["job_type"] == "report"

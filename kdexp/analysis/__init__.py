@@ -1,0 +1,1 @@
+"""Turning results.json files into numbers a thesis can print: statistics, tables, figures, the report."""

@@ -1,0 +1,23 @@
+"""The config layer: where the YAML tree lives, the shared schema, and the one-line checks every layer uses.
+
+Nothing here imports torch or any other kdexp package: every layer above may import it (see the import contract in
+pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+
+from kdexp.config.schema import Config
+
+# conf/ sits beside the package in the source tree (an editable install, which the README uses).
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# Keys that say where outputs go or how to treat an existing result, not what a run computes: never part of a run
+# key, never a reason to split a report's settings.
+BOOKKEEPING_KEYS = ("output_dir", "force", "cache_dir", "logger")
+
+
+def register_base() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)

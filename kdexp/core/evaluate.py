@@ -1,0 +1,179 @@
+"""Evaluation: task metrics, answer perplexity, and the efficiency figures of one model on one split.
+
+How an answer is decoded and scored comes from the task YAML (docs/tasks.md): ``stop_strings``,
+``answer_extraction`` (a name in :data:`ANSWER_EXTRACTIONS`) and ``metric`` (a name in ``metrics.METRICS``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+
+from kdexp.core.metrics import task_metric
+from kdexp.core.models import answer_logits, collate, count_parameters, encode
+from kdexp.core.tasks import Example
+
+
+def _batches(items: list, size: int, desc: str):
+    for start in tqdm(range(0, len(items), size), desc=desc, leave=False, disable=len(items) <= size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def answer_logprobs(model, tokenizer, examples: list[Example], task_cfg, batch_size: int,
+                    targets: list[str] | None = None, desc: str = "score") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed log-probability of the target tokens and their count (teacher-forced)."""
+    feats = encode(examples, tokenizer, task_cfg, targets=targets)
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    for chunk in _batches(feats, batch_size, desc):
+        batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+        logits, _ = answer_logits(model, batch)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch["answer_ids"].unsqueeze(-1)).squeeze(-1)
+        sums.append((logp * batch["answer_mask"]).sum(-1).cpu())
+        counts.append(batch["answer_mask"].sum(-1).cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def classify(model, tokenizer, examples, task_cfg, batch_size) -> list[int]:
+    """Predict the label word with the highest log-probability (summed over its tokens)."""
+    scores = [answer_logprobs(model, tokenizer, examples, task_cfg, batch_size, targets=[w] * len(examples),
+                              desc=f"score{w}")[0] for w in task_cfg.label_words]
+    return torch.stack(scores, dim=-1).argmax(-1).tolist()
+
+
+# task.answer_extraction -> decoded text (already cut at the first stop string) -> the answer that is scored.
+ANSWER_EXTRACTIONS: dict[str, Callable[[str], str]] = {
+    "first_line": lambda text: text.split("\n")[0].strip(),  # the prompt formats put one answer on one line
+    "strip": str.strip,
+}
+
+
+def answer_extraction(name: str) -> Callable[[str], str]:
+    if name not in ANSWER_EXTRACTIONS:
+        raise ValueError(f"task.answer_extraction={name!r} is not one of {sorted(ANSWER_EXTRACTIONS)} "
+                         "(kdexp/core/evaluate.py)")
+    return ANSWER_EXTRACTIONS[name]
+
+
+def stop_token_ids(tokenizer, stop_strings) -> list[int]:
+    """EOS and the first token of each stop string. Generation stops on token ids, so a multi-token stop string
+    stops at its first token even where the rest does not follow; single-token strings such as "\\n" are exact."""
+    return [tokenizer.eos_token_id] + [tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in stop_strings]
+
+
+def cut_at_stop(text: str, stop_strings) -> str:
+    """The text before the first occurrence of any stop string."""
+    for stop in stop_strings:
+        text = text.split(stop, 1)[0]
+    return text
+
+
+def _left_padded(chunk, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(f.prompt_ids) for f in chunk)
+    ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, f in enumerate(chunk):
+        ids[row, length - len(f.prompt_ids):] = torch.tensor(f.prompt_ids)
+        mask[row, length - len(f.prompt_ids):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def decode_answers(model, tokenizer, examples: list[Example], task_cfg, batch_size: int,
+                   generation_kwargs: dict) -> tuple[list[str], int]:
+    """Decode one answer per prompt (left-padded batches; stops at EOS or ``task.stop_strings``, then
+    ``task.answer_extraction``); return the answers and the number of generated tokens up to and including the
+    stop."""
+    device = next(model.parameters()).device
+    stop_strings = list(task_cfg.stop_strings)
+    stop = stop_token_ids(tokenizer, stop_strings)
+    extract = answer_extraction(task_cfg.answer_extraction)
+    prompts = encode(examples, tokenizer, task_cfg, targets=[""] * len(examples))
+    answers, n_tokens = [], 0
+    for chunk in _batches(prompts, batch_size, "generate"):
+        ids, mask = _left_padded(chunk, tokenizer.pad_token_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id, **generation_kwargs)
+        new = out[:, ids.shape[1]:].cpu()
+        stopped = torch.isin(new, torch.tensor(stop))
+        n_tokens += int(torch.where(stopped.any(1), stopped.int().argmax(1) + 1, new.shape[1]).sum())
+        answers.extend(extract(cut_at_stop(t, stop_strings))
+                       for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    return answers, n_tokens
+
+
+def generate(model, tokenizer, examples: list[Example], task_cfg, batch_size: int) -> list[str]:
+    """Greedy answers, as evaluation scores them."""
+    greedy = {"do_sample": False, "max_new_tokens": task_cfg.max_new_tokens}
+    return decode_answers(model, tokenizer, examples, task_cfg, batch_size, greedy)[0]
+
+
+@contextmanager
+def peak_memory(device: str):
+    """Peak memory while the block runs: CUDA max allocated on GPU, sampled process RSS on CPU (MB)."""
+    result = {}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        yield result
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_memory_kind"] = "cuda_max_allocated"
+        return
+    proc, stop, peak = psutil.Process(), threading.Event(), [psutil.Process().memory_info().rss]
+
+    def sample():
+        while not stop.wait(0.01):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["peak_memory_mb"] = max(peak[0], proc.memory_info().rss) / 2**20
+        result["peak_memory_kind"] = "process_rss"
+
+
+def evaluate_model(model, tokenizer, examples: list[Example], task_cfg, hw_cfg, role: str):
+    """Return (metrics, predictions as text, timing/memory for the efficiency table)."""
+    model.eval()
+    bs = hw_cfg.eval_batch_size
+    metric = task_metric(task_cfg.metric)  # before the slow part: a typo'd name fails at once
+    with peak_memory(hw_cfg.device) as mem:
+        start = time.perf_counter()
+        if task_cfg.label_words:
+            predictions = [task_cfg.label_words[i] for i in classify(model, tokenizer, examples, task_cfg, bs)]
+        else:
+            predictions = generate(model, tokenizer, examples, task_cfg, bs)
+        metrics = metric(predictions, examples)
+        seconds = time.perf_counter() - start
+    nll, count = answer_logprobs(model, tokenizer, examples, task_cfg, bs, desc=f"{role} ppl")
+    metrics["perplexity"] = math.exp(-nll.sum().item() / max(count.sum().item(), 1))
+    metrics["n_eval"] = len(examples)
+    if task_cfg.main_metric not in metrics:
+        raise ValueError(f"task.main_metric={task_cfg.main_metric!r} is none of {sorted(metrics)} "
+                         f"(task.metric={task_cfg.metric!r})")
+    speed = {"latency_ms_per_example": 1000 * seconds / len(examples),
+             "throughput_examples_per_s": len(examples) / seconds, "eval_batch_size": bs, **mem}
+    return metrics, predictions, speed
+
+
+def model_efficiency(model, saved_dir: Path | None) -> dict:
+    total, trainable = count_parameters(model)
+    disk = None
+    if saved_dir is not None and Path(saved_dir).exists():
+        disk = sum(f.stat().st_size for f in Path(saved_dir).iterdir()
+                   if f.is_file() and f.suffix in (".safetensors", ".bin")) / 2**20
+    return {"total_params": total, "trainable_params": trainable, "disk_mb": disk,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}

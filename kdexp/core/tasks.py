@@ -1,0 +1,155 @@
+"""Task data: the same examples from the embedded copies or from the Hugging Face hub, split the same way.
+
+A task is data (conf/task/<name>.yaml, docs/tasks.md): the YAML names the loader of its embedded copy, the prompt
+template and the row fields that hold the id and the gold answer; nothing here knows a task by name.
+
+Splits (see docs/design.md):
+- ``train``: the training pool minus ``validation``; teachers are prepared on all of it.
+- ``validation``: ``task.validation_samples`` carved from the training pool with a fixed seed. Every selection
+  (early stopping, sweeps, Optuna) uses it, never ``eval``.
+- ``eval``: GLUE SST-2 dev / the last 10 SQuAD articles (hub: the ``validation`` split). Reported metrics only.
+- ``student``: the student's labelled subset, ``task.max_train_samples`` drawn from ``train`` with
+  ``task.subset_seed`` (fixed across run seeds so that seeds pair), and ``unlabeled``: the next examples of the same
+  permutation, disjoint from it, used without gold labels as a KD transfer set.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+SQUAD_EMBEDDED_TRAIN_ARTICLES = 38  # of 48, in file order (SOURCES.md)
+
+Rows = tuple[list[dict], list[dict]]  # (training pool, eval) rows in the hub's schema
+
+
+@dataclass
+class Example:
+    id: str
+    prompt: str
+    # Gold answers: SST-2 the label word; SQuAD every annotated answer text (metrics take the max over them).
+    answers: list[str]
+    label: int | None = None
+
+    @property
+    def target(self) -> str:
+        return self.answers[0]
+
+
+def _asset(*parts: str):
+    return resources.files("kdexp").joinpath("assets", *parts)
+
+
+def _sst2_rows(path) -> list[dict]:
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    reader = csv.reader(io.StringIO(raw.decode("utf-8")), delimiter="\t", quoting=csv.QUOTE_NONE)
+    next(reader)  # header: sentence, label
+    return [{"idx": i, "sentence": s.strip(), "label": int(lab)} for i, (s, lab) in enumerate(reader)]
+
+
+def load_sst2() -> Rows:
+    """GLUE SST-2 train / dev (the hub's ``train`` / ``validation``)."""
+    return _sst2_rows(_asset("sst2", "train.tsv.gz")), _sst2_rows(_asset("sst2", "dev.tsv"))
+
+
+def load_squad() -> Rows:
+    """SQuAD v1.1 dev split by article: the hub's dev set is the only one small enough to ship."""
+    with gzip.open(_asset("squad", "dev-v1.1.jsonl.gz").open("rb"), "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    titles = list(dict.fromkeys(r["title"] for r in rows))
+    train_titles = set(titles[:SQUAD_EMBEDDED_TRAIN_ARTICLES])
+    return [r for r in rows if r["title"] in train_titles], [r for r in rows if r["title"] not in train_titles]
+
+
+# task.loader -> the embedded copy of a task's data. A new task with embedded data adds one function and one line.
+LOADERS: dict[str, Callable[[], Rows]] = {"sst2": load_sst2, "squad": load_squad}
+
+
+def load_raw(task_cfg) -> Rows:
+    """(training pool, eval) rows in the hub's schema, from the embedded files or the hub."""
+    if task_cfg.source == "hub":
+        import datasets  # import here: costs seconds and is only needed for hub data
+
+        ds = datasets.load_dataset(task_cfg.hub_id, task_cfg.hub_config)
+        return list(ds["train"]), list(ds["validation"])
+    if task_cfg.source != "embedded":
+        raise ValueError(f"task.source={task_cfg.source!r}: expected embedded or hub")
+    if task_cfg.loader is None:
+        raise ValueError(f"task {task_cfg.name!r} has no embedded data (task.loader is null); set task.source=hub")
+    if task_cfg.loader not in LOADERS:
+        raise ValueError(f"task.loader={task_cfg.loader!r} is not one of {sorted(LOADERS)} (kdexp/core/tasks.py)")
+    return LOADERS[task_cfg.loader]()
+
+
+def field_value(row: dict, path: str) -> Any:
+    """``row["answers"]["text"]`` for the path ``answers.text``."""
+    value = row
+    for key in path.split("."):
+        value = value[key]
+    return value
+
+
+def example_maker(task_cfg) -> Callable[[dict], Example]:
+    """row -> :class:`Example` as the task YAML says. The config is read once here: an OmegaConf attribute read
+    costs microseconds, which for SST-2's 67k rows was most of the time spent loading the task."""
+    template, id_field, answer_field = task_cfg.prompt_template, task_cfg.id_field, task_cfg.answer_field
+    strip_fields, label_words = list(task_cfg.strip_fields), list(task_cfg.label_words)
+
+    def make(row: dict) -> Example:
+        # GLUE sentences on the hub end with a space; the embedded copy is stripped already, so both give one prompt.
+        row = {**row, **{k: row[k].strip() for k in strip_fields}}
+        gold = field_value(row, answer_field)
+        prompt = template.format(**row)
+        if label_words:  # classification: the answer field holds the index of the gold label word
+            return Example(id=str(row[id_field]), prompt=prompt, answers=[label_words[gold]], label=int(gold))
+        golds = [gold] if isinstance(gold, str) else gold
+        answers = list(dict.fromkeys(golds))  # dedupe, keep order: the first is the training target
+        return Example(id=str(row[id_field]), prompt=prompt, answers=answers)
+
+    return make
+
+
+def to_example(row: dict, task_cfg) -> Example:
+    return example_maker(task_cfg)(row)
+
+
+@dataclass
+class TaskData:
+    train: list[Example]
+    validation: list[Example]
+    eval: list[Example]
+    student: list[Example]
+    unlabeled: list[Example]
+
+
+def load_task(task_cfg, unlabeled_samples: int = 0) -> TaskData:
+    pool_rows, eval_rows = load_raw(task_cfg)
+    make = example_maker(task_cfg)
+    pool = [make(r) for r in pool_rows]
+    order = list(range(len(pool)))
+    # A fixed seed: the validation split must not move when the run seed or the student subset changes.
+    random.Random(20240607).shuffle(order)
+    n_val = min(task_cfg.validation_samples, len(pool) // 5)
+    validation = [pool[i] for i in sorted(order[:n_val])]
+    train = [pool[i] for i in sorted(order[n_val:])]
+
+    perm = list(range(len(train)))
+    random.Random(task_cfg.subset_seed).shuffle(perm)
+    n_student = len(train) if task_cfg.max_train_samples is None else min(task_cfg.max_train_samples, len(train))
+    student = [train[i] for i in perm[:n_student]]
+    unlabeled = [train[i] for i in perm[n_student:n_student + unlabeled_samples]]
+
+    evaluation = [make(r) for r in eval_rows]
+    if task_cfg.max_eval_samples is not None and task_cfg.max_eval_samples < len(evaluation):
+        picked = sorted(random.Random(task_cfg.subset_seed).sample(range(len(evaluation)), task_cfg.max_eval_samples))
+        evaluation = [evaluation[i] for i in picked]
+    return TaskData(train=train, validation=validation, eval=evaluation, student=student, unlabeled=unlabeled)

@@ -1,0 +1,211 @@
+"""KD1 logit distillation: its config, ``DistillationTrainer`` and the teacher signal it reads (online or cached).
+
+Loss per accumulated optimizer step (docs/losses.md), assembled by :func:`kdexp.core.losses.blend`:
+
+    L = (1 − alpha) · Σ_ce CE / N_ce  +  alpha · T² · Σ_kd D(p_T^T ‖ p_S^T) / N_kd
+
+N_ce counts gold answer tokens, N_kd counts every answer slot (unlabelled transfer-set examples have a KD signal but
+no gold), both over the whole accumulated batch, so gradient accumulation matches one large batch. With alpha = 0
+the KD term is never computed and the loss is bitwise the B0 loss. The default divergence is forward KL, the
+mass-covering direction KL(p_T ‖ p_S); ``divergence`` picks any from the loss library.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import II
+
+from kdexp.config.checks import choice, fail, finite, fraction, positive
+from kdexp.core.answers import decoding_spec, teacher_answers
+from kdexp.core.artefacts import content_hash
+from kdexp.core.losses import blend, cached_forward_kl, forward_kl, masked_cross_entropy, resolve_divergence
+from kdexp.core.models import Encoded, answer_logits, collate, encode
+from kdexp.core.runner import Context, build_student, finish, setup, student_args
+from kdexp.core.stages import stage_losses
+from kdexp.core.teacher import teacher_identity
+from kdexp.core.teacher_cache import (
+    collate_cache_rows,
+    load_or_build_teacher_cache,
+    open_teacher_cache,
+    shared_tail_logit,
+    tail_entropy_correction,
+    teacher_logits_from_cache,
+)
+from kdexp.core.training import AnswerTrainer, train_model
+
+NAME = "kd1"
+NEEDS_SHARED_VOCAB = True
+TRAINS_STUDENT = True
+BASELINE = False
+LOSS_WEIGHTS = ("alpha",)
+LABEL_KNOBS = {"temperature": "T", "alpha": "α"}
+
+
+@dataclass
+class Config:
+    name: str = NAME
+    # Weight of the KD term (some guides weight CE by alpha instead).
+    alpha: float = 0.5
+    temperature: float = 2.0
+    # forward_kl | reverse_kl | jsd | tvd | prob_mse | prob_cosine | package.module:function (docs/losses.md)
+    divergence: str = "forward_kl"
+    # cached: the teacher's top-k logits are stored once (content-addressed HDF5) and read at any temperature, so a
+    # T x alpha x seed sweep pays for the teacher once; online: the teacher runs every step.
+    teacher_signal: str = "cached"
+    top_k: int = 64
+    cache_compression: str = "lzf"  # lzf | gzip | none
+    # A prebuilt cache file; null = content-addressed under cache_dir/teacher_cache.
+    cache_path: str | None = None
+    # Divergence over chunks of this many answer tokens (bounds memory at large vocab); null = all at once.
+    chunk_size: int | None = None
+    # Training prompts without gold labels, answered by the teacher: only the KD term applies to them.
+    unlabeled_samples: int = II("task.unlabeled_samples")
+
+
+def check(cfg) -> None:
+    """KD1's knobs, before any model loads; one-line ValueErrors naming the key."""
+    m = cfg.method
+    finite(cfg, ["method.alpha", "method.temperature"])
+    fraction(cfg, ["method.alpha"])
+    positive(cfg, ["method.temperature", "method.top_k", "method.chunk_size"])
+    positive(cfg, ["method.unlabeled_samples"], strict=False)
+    choice(cfg, "method.teacher_signal", ("cached", "online"))
+    choice(cfg, "method.cache_compression", ("lzf", "gzip", "none"))
+    resolve_divergence(m.divergence)
+    for key, value in stage_losses(cfg, "alpha"):
+        if not 0 <= value <= 1:
+            fail(key, value, "must be in [0, 1]")
+        # No teacher cache is built at method.alpha=0: a stage can reweight the KD term, not bring it back.
+        if m.teacher_signal == "cached" and m.alpha == 0 and value > 0:
+            fail(key, value, "needs method.alpha > 0 (at method.alpha=0 no teacher cache is built)")
+
+
+def cache_rows(inputs: dict) -> dict:
+    """The teacher-cache part of a :func:`cached_collator` batch, keys without their ``cache_`` prefix."""
+    return {k.removeprefix("cache_"): v for k, v in inputs.items() if k.startswith("cache_")}
+
+
+class DistillationTrainer(AnswerTrainer):
+    """HF Trainer with the blended CE + KD loss; the teacher is online (no_grad, eval mode) or a cache."""
+
+    def __init__(self, *args, alpha: float, temperature: float, divergence, teacher=None, vocab_size: int,
+                 chunk_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha, self.temperature, self.divergence = alpha, temperature, divergence
+        self.teacher, self.vocab_size, self.chunk_size = teacher, vocab_size, chunk_size
+
+    def teacher_logits(self, inputs: dict) -> torch.Tensor:
+        rows = cache_rows(inputs)
+        if rows:
+            return teacher_logits_from_cache(rows, self.vocab_size, self.temperature)
+        with torch.no_grad():
+            return answer_logits(self.teacher, inputs)[0]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits, outputs = answer_logits(model, inputs)
+        n_ce, n_kd = self._counts()
+        ce = masked_cross_entropy(logits, inputs["labels"], reduction="sum") / max(n_ce, 1)
+        kd = self.kd_term(logits, inputs) / max(n_kd, 1) if self.alpha else None
+        loss = blend(ce, kd, ce_weight=1 - self.alpha, kd_weight=self.alpha, temperature=self.temperature)
+        self._log_terms({"ce": ce} if kd is None else {"ce": ce, "kd": kd})
+        return (loss, outputs) if return_outputs else loss
+
+    def kd_term(self, logits, inputs) -> torch.Tensor:
+        """Σ over answer slots of D(p_T ‖ p_S); a cached forward KL never builds the (B, A, V) teacher tensor."""
+        rows = cache_rows(inputs)
+        if rows and self.divergence is forward_kl:
+            tail = shared_tail_logit(rows, self.vocab_size, self.temperature)
+            kd = cached_forward_kl(logits, rows["topk_logits"], rows["topk_ids"], tail, temperature=self.temperature,
+                                   mask=inputs["answer_mask"], vocab_size=self.vocab_size)
+            # The uniform-tail reconstruction misstates the teacher's entropy, a student-independent constant:
+            # correct it so logged (and reported) KD values match the full-vocabulary loss.
+            return kd + (tail_entropy_correction(rows, self.temperature) * inputs["answer_mask"]).sum()
+        return self.divergence(logits, self.teacher_logits(inputs), temperature=self.temperature,
+                               mask=inputs["answer_mask"], reduction="sum", chunk_size=self.chunk_size)
+
+
+def cached_collator(cache, pad_id: int):
+    """Collate features and their cache rows (random access by ``Encoded.index``) into one batch."""
+
+    def _collate(features):
+        batch = collate(features, pad_id)
+        rows = collate_cache_rows([cache[f.index] for f in features], batch["labels"].shape[1])
+        rows.pop("cache_mask", None)
+        batch.update({f"cache_{k}": v for k, v in rows.items()})
+        return batch
+
+    return _collate
+
+
+@torch.no_grad()
+def teacher_rows(teacher, features, pad_id: int, batch_size: int):
+    """Yield (feature index, teacher logits (n_answer_tokens, V)) for the cache builder."""
+    device = next(teacher.parameters()).device
+    for start in range(0, len(features), batch_size):
+        chunk = features[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        logits = answer_logits(teacher, batch)[0].float().cpu()
+        for row, f in enumerate(chunk):
+            yield f.index, logits[row, logits.shape[1] - len(f.answer_ids):]
+
+
+# ---- the KD1 runner ------------------------------------------------------------------------------------------------
+
+def kd_features(ctx: Context) -> list[Encoded]:
+    """Labelled student subset, then the unlabelled transfer set answered by the teacher (CE-masked)."""
+    cfg, data = ctx.cfg, ctx.data
+    feats = encode(data.student, ctx.tokenizer, cfg.task)
+    if data.unlabeled:
+        answers, ctx.extra["transfer_answers"] = teacher_answers(ctx, data.unlabeled, decoding_spec(cfg.task))
+        feats += encode(data.unlabeled, ctx.tokenizer, cfg.task, targets=answers, labelled=False)
+    for i, f in enumerate(feats):
+        f.index = i  # cache rows are aligned with this training list
+    return feats
+
+
+def ensure_cache(ctx, feats: list[Encoded]):
+    """Content-addressed teacher cache for exactly these training inputs; built once, reused by every sweep job."""
+    cfg, m = ctx.cfg, ctx.cfg.method
+    vocab = len(ctx.tokenizer)
+    inputs = content_hash([f.prompt_ids + [-1] + f.answer_ids for f in feats])
+    meta = {"teacher": teacher_identity(cfg), "inputs": inputs, "n_examples": len(feats),
+            "vocab_size": vocab, "top_k": m.top_k, "task": cfg.task.name, "format": 1}
+    path = Path(m.cache_path) if m.cache_path else Path(cfg.cache_dir) / "teacher_cache" / f"{content_hash(meta)}.h5"
+    if m.cache_path:
+        cache = open_teacher_cache(path)
+        if cache.vocab_size != vocab:
+            raise ValueError(f"method.cache_path={path} has vocab {cache.vocab_size}, the student has {vocab}")
+        return cache
+    start = time.perf_counter()
+    cache = load_or_build_teacher_cache(
+        path, lambda: teacher_rows(ctx.teacher, feats, ctx.tokenizer.pad_token_id, cfg.hardware.eval_batch_size),
+        n_examples=len(feats), vocab_size=vocab, top_k=m.top_k,
+        compression=None if m.cache_compression == "none" else m.cache_compression, meta=meta)
+    ctx.timings["teacher_cache_s"] = time.perf_counter() - start
+    ctx.extra["teacher_cache"] = {"path": str(path), "bytes": path.stat().st_size,
+                                  "tokens": int(sum(len(f.answer_ids) for f in feats))}
+    return cache
+
+
+def run(cfg, out_dir: Path, run_key: str) -> dict:
+    m = cfg.method
+    ctx = setup(cfg, out_dir, run_key, need_teacher=True, shared_vocab=NEEDS_SHARED_VOCAB,
+                unlabeled_samples=m.unlabeled_samples)
+    vocab = len(ctx.tokenizer)
+    if m.top_k > vocab:
+        raise ValueError(f"method.top_k={m.top_k} exceeds the teacher vocabulary size {vocab}")
+    feats = kd_features(ctx)
+    cached = m.teacher_signal == "cached" and m.alpha > 0
+    collator = cached_collator(ensure_cache(ctx, feats), ctx.tokenizer.pad_token_id) if cached else None
+    student = build_student(ctx)
+    start = time.perf_counter()
+    history = train_model(student, feats, student_args(ctx), ctx.tokenizer.pad_token_id,
+                          trainer_cls=DistillationTrainer, collator=collator, alpha=m.alpha,
+                          temperature=m.temperature, divergence=resolve_divergence(m.divergence),
+                          teacher=None if cached else ctx.teacher, vocab_size=vocab, chunk_size=m.chunk_size)
+    ctx.timings["train_s"] = time.perf_counter() - start
+    return finish(ctx, student, history)

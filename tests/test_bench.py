@@ -1,0 +1,51 @@
+"""The bench package: its CLI, its override helpers, and the kd1 bench's JSON keys on the smoke config."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kdexp.bench.common import merged, with_method
+from kdexp.bench.kd1 import bench_kd1
+
+KD1_KEYS = {
+    "vocab_size", "torch_threads", "teacher", "train_examples",
+    "cache_bytes_per_token", "cache_tokens", "cache_build_tokens_per_s", "cache_read_tokens_per_s", "cache_top_k",
+    "cache_compression", "kd_loss_abs_error", "kd_loss_abs_error_imitating_student", "teacher_top_k_mass",
+    "loss_error_tokens", "step_s", "kd1_cached_over_b0_step", "kd1_online_over_b0_step", "peak_rss_mb",
+    "peak_rss_kd1_over_b0", "peak_rss_kd1_online_over_b0", "load_average_1m", "self_cpu_s",
+}
+VARIANTS = {"b0", "kd1_cached", "kd1_online"}
+
+
+def test_cli_help_explains_every_option():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kdexp.bench", "--help"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--steps", "--warmup", "--rounds", "--rss-steps", "--sweep", "--sweep-overrides", "--prompts",
+                   "--strategies", "kd1", "kd2", "kd3", "OVERRIDES"):
+        assert option in proc.stdout
+    assert "``" not in proc.stdout
+
+
+def test_override_helpers():
+    assert merged(["method=kd1", "task=squad"], ["task=sst2", "seed=1"]) == ["method=kd1", "task=sst2", "seed=1"]
+    base = ["method=kd1", "method.alpha=0.3", "experiment=smoke", "+method.top_k=8"]
+    assert with_method(base, "b0") == ["experiment=smoke", "method=b0"]  # B0 has no alpha: its schema rejects it
+    assert with_method(base, "kd1", "method.teacher_signal=online") == [
+        "method.alpha=0.3", "experiment=smoke", "+method.top_k=8", "method=kd1", "method.teacher_signal=online"]
+
+
+@pytest.mark.slow
+def test_bench_kd1_returns_documented_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDEXP_CACHE_DIR", str(tmp_path / "cache"))  # the smoke teacher is prepared here, not in ./
+    out = bench_kd1(["experiment=smoke", "hardware.torch_threads=1"], steps=1, warmup=1, rounds=1, rss_steps=1)
+    assert set(out) == KD1_KEYS
+    assert out["torch_threads"] == 1 and out["train_examples"] == 64 and out["cache_top_k"] == 64
+    assert set(out["step_s"]) == VARIANTS and all(v > 0 for v in out["step_s"].values())
+    for figures in out["peak_rss_mb"].values():
+        assert {"train_peak_mb", "before_train_mb", "process_peak_mb"} <= set(figures)
+        assert figures["train_peak_mb"] >= figures["before_train_mb"] > 0
+    assert set(out["peak_rss_mb"]) == VARIANTS and out["peak_rss_kd1_over_b0"] > 0
