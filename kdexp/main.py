@@ -7,6 +7,7 @@ returns, and selection must never see the eval split. Reported numbers come from
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -14,14 +15,16 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kdexp import methods
 from kdexp.config import CONF_DIR
-from kdexp.core import distributed, resume
+from kdexp.core import distributed, live, resume
 from kdexp.core.artefacts import atomic_write_json, seed_everything
 from kdexp.experiments import registry, wandb_log
 from kdexp.experiments.compose import register
+from kdexp.experiments.preflight import check_environment, hydra_error_line
 
 log = logging.getLogger("kdexp")
 register()
@@ -36,37 +39,77 @@ def base_results(cfg, key: str) -> dict:
     }
 
 
+def non_finite(results: dict) -> list[str]:
+    """Where a result holds NaN or inf: metrics of student and teacher, the main metric, every logged loss."""
+    found = [f"{part}.{k}" for part in ("metrics", "validation_metrics", "teacher_metrics")
+             for k, v in (results.get(part) or {}).items() if isinstance(v, float) and not math.isfinite(v)]
+    found += [f"main_metric.{k}" for k, v in results["main_metric"].items()
+              if isinstance(v, float) and not math.isfinite(v)]
+    found += [f"train_log[step {h.get('step', '?')}].{k}" for h in results.get("train_log", []) for k, v in h.items()
+              if k.startswith(("loss", "train_loss")) and isinstance(v, float) and not math.isfinite(v)]
+    return found
+
+
+def _threads(cfg) -> int | None:
+    """hardware.torch_threads, or an even share of the cores when parallel sweep jobs share this machine: two
+    2-thread jobs on 2 cores run ~10x slower, not 2x (hydra/launcher=kdexp_joblib)."""
+    if cfg.hardware.torch_threads or not HydraConfig.initialized():
+        return cfg.hardware.torch_threads
+    launcher = HydraConfig.get().launcher
+    n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else None
+    if n_jobs and n_jobs > 1:
+        share = max(1, (os.cpu_count() or 1) // n_jobs)
+        log.info("%d parallel jobs share %d cores: torch_threads=%d each", n_jobs, os.cpu_count() or 1, share)
+        return share
+    return None
+
+
+def _skip(cfg, key: str, done: dict) -> float:
+    log.info("skip: a complete run with this config exists at %s (force=true reruns)", done["_path"])
+    resume.clear_checkpoints(cfg, key)  # the process that completed it may have died before clearing them
+    if Path(done["_path"]).parent.resolve() != Path(cfg.output_dir).resolve():
+        # A pointer keeps this sweep's directory complete for kdexp.report (e.g. B0 deduplicated across T/alpha).
+        atomic_write_json(Path(cfg.output_dir) / "reused_results.json", {"results": done["_path"], "run_key": key})
+    return done["main_metric"]["validation_value"]
+
+
 def run(cfg: DictConfig) -> float:
     """Run one experiment from a composed config (also callable from tests without Hydra's CLI)."""
     try:
         methods.validate(cfg)
         distributed.setup_launch(cfg)
+        check_environment(cfg)
     except ValueError as err:
         sys.exit(f"kdexp: config error: {err}")
     key = registry.run_key(cfg)
     done = registry.lookup(cfg, key)
     if done is not None and not cfg.force:
-        log.info("skip: a complete run with this config exists at %s (force=true reruns)", done["_path"])
-        if Path(done["_path"]).parent.resolve() != Path(cfg.output_dir).resolve():
-            # A pointer keeps this sweep's directory complete for kdexp.report (e.g. B0 deduplicated across T/alpha).
-            atomic_write_json(Path(cfg.output_dir) / "reused_results.json", {"results": done["_path"], "run_key": key})
-        return done["main_metric"]["validation_value"]
+        return _skip(cfg, key, done)
 
-    if cfg.hardware.torch_threads:
-        torch.set_num_threads(cfg.hardware.torch_threads)
+    threads = _threads(cfg)
+    if threads:
+        torch.set_num_threads(threads)
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for orphan in out_dir.glob(".results.json.*"):  # a temp file of a writer killed mid-write
+        orphan.unlink(missing_ok=True)
+    if distributed.is_main_process():
+        live.beat(out_dir, "setup")  # the dashboard sees the run from now on (and a death before training)
     results = base_results(cfg, key)
     tracker = wandb_log.start(cfg, out_dir) if distributed.is_main_process() else None  # None unless logger=wandb
     start = time.perf_counter()
     try:
         # hardware=ddp: ranks other than 0 write into a throwaway directory, never results/registry/W&B.
         results.update(methods.get(cfg.method.name).run(cfg, distributed.rank_output_dir(out_dir), key))
-    except ValueError as err:  # bad input found once data/tokenizers are known (e.g. vocabulary mismatch)
-        sys.exit(f"kdexp: error: {err}")
+    except (ValueError, FloatingPointError, TimeoutError) as err:  # bad input found once data is known, a
+        sys.exit(f"kdexp: error: {err}")  # NaN loss, a lock held too long: one line, nothing recorded
     if not distributed.is_main_process():
         return results["main_metric"]["validation_value"]
+    bad = non_finite(results)
+    if bad:
+        sys.exit(f"kdexp: error: the run produced non-finite values ({', '.join(bad[:5])}"
+                 f"{', ...' if len(bad) > 5 else ''}); not recorded as complete")
     results["wall_time_s"] = round(time.perf_counter() - start, 2)
     results["status"] = "complete"
     atomic_write_json(out_dir / "results.json", results)
@@ -87,5 +130,11 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def cli() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _hydra_main()
+    problem = hydra_error_line(sys.argv[1:])
+    try:
+        _hydra_main()
+    except SystemExit as err:
+        if err.code not in (0, None) and problem:  # Hydra printed its message; the last line names the key
+            print(problem, file=sys.stderr)
+        raise
     distributed.exit_launched_process()  # torchrun: exit 0 before gloo's teardown can abort a finished run

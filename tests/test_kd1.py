@@ -37,7 +37,7 @@ def test_cache_built_once_for_a_sweep(make_cfg, caplog):
         for i, (t, a) in enumerate([(1, 0.5), (4, 0.9)]):
             run(make_cfg(*SMOKE, "method=kd1", f"method.temperature={t}", f"method.alpha={a}", out=f"r{i}"))
     assert caplog.text.count("building teacher cache") == 1
-    assert caplog.text.count("labelling") == 1  # the transfer set is answered by the teacher once, too
+    assert caplog.text.count("teacher: answering") == 1  # the transfer set is answered by the teacher once, too
 
 
 def test_unlabeled_transfer_set_only_feeds_kd(make_cfg):
@@ -83,9 +83,8 @@ def test_vocabulary_mismatch_rejected(method, make_cfg, tmp_path):
 
 
 def test_cached_forward_kl_fast_path_equals_dense_reconstruction():
-    from kdexp.core.losses import forward_kl
-    from kdexp.core.teacher_cache import rows_from_logits, teacher_logits_from_cache
-    from kdexp.methods.kd1 import cached_forward_kl
+    from kdexp.core.losses import cached_forward_kl, forward_kl
+    from kdexp.core.teacher_cache import rows_from_logits, shared_tail_logit, teacher_logits_from_cache
 
     torch.manual_seed(0)
     vocab = 3000
@@ -93,9 +92,40 @@ def test_cached_forward_kl_fast_path_equals_dense_reconstruction():
     student = torch.randn(2, 3, vocab, requires_grad=True)
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]]).bool()
     for t in (1.0, 2.0, 4.0):
-        fast = cached_forward_kl(student, rows, temperature=t, mask=mask, vocab_size=vocab)
+        fast = cached_forward_kl(student, rows["topk_logits"], rows["topk_ids"], shared_tail_logit(rows, vocab, t),
+                                 temperature=t, mask=mask, vocab_size=vocab)
         dense = forward_kl(student, teacher_logits_from_cache(rows, vocab, t), temperature=t, mask=mask,
                            reduction="sum")
         (g_fast,), (g_dense,) = torch.autograd.grad(fast, student), torch.autograd.grad(dense, student)
         assert fast.item() == pytest.approx(dense.item(), rel=1e-4)  # float32 sums over the vocab
         assert torch.allclose(g_fast, g_dense, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_trainer_loss_is_the_tested_distillation_loss(alpha):
+    """One loss path: DistillationTrainer's loss on a batch equals kdexp.core.losses.distillation_loss (the function
+    the golden-number tests pin) with CE over gold tokens and KD over every answer slot."""
+    from types import SimpleNamespace
+
+    from kdexp.core.losses import distillation_loss, forward_kl
+    from kdexp.core.models import Encoded, answer_logits, collate
+    from kdexp.methods.kd1 import DistillationTrainer
+
+    torch.manual_seed(0)
+    vocab = 64
+    teacher = torch.nn.Linear(1, 1)  # stands in: teacher_logits is replaced below
+    batch = collate([Encoded([5, 6, 7], [8, 9], 0), Encoded([5], [8, 9, 10], 1, labelled=False)], pad_id=0)
+    student_logits = torch.randn(2, batch["labels"].shape[1], vocab)
+    teacher_logits = torch.randn_like(student_logits)
+    trainer = DistillationTrainer.__new__(DistillationTrainer)  # the loss needs no model, optimizer or data
+    trainer.alpha, trainer.temperature, trainer.divergence, trainer.teacher = alpha, 2.0, forward_kl, teacher
+    trainer.vocab_size, trainer.chunk_size = vocab, None
+    trainer._ce_count, trainer._kd_count = int(batch["labels"].ne(-100).sum()), int(batch["answer_mask"].sum())
+    trainer.teacher_logits = lambda inputs: teacher_logits
+    trainer._log_terms = lambda terms: None
+    model = lambda **kw: SimpleNamespace(logits=torch.cat([student_logits, student_logits[:, -1:]], 1))  # noqa: E731
+    assert torch.equal(answer_logits(model, batch)[0], student_logits)
+    got = trainer.compute_loss(model, batch)
+    want, _, _ = distillation_loss(student_logits, teacher_logits, batch["labels"], alpha=alpha, temperature=2.0,
+                                   kd_mask=batch["answer_mask"])
+    assert torch.equal(got, want)

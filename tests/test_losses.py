@@ -1,6 +1,7 @@
 """Identities and golden numbers for kdexp.core.losses."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from kdexp.core.losses import (
     DIVERGENCES,
     IGNORE_INDEX,
+    check_divergence,
     distillation_loss,
     forward_kl,
     generalized_jsd,
@@ -20,14 +22,10 @@ from kdexp.core.losses import (
     tvd,
 )
 
+# Every registered divergence (a new one is tested by adding it to DIVERGENCES), plus JSD off its default beta.
 ALL_DIVERGENCES = [
-    forward_kl,
-    reverse_kl,
-    generalized_jsd,
+    *(pytest.param(fn, id=name) for name, fn in DIVERGENCES.items()),
     pytest.param(lambda s, t, **kw: generalized_jsd(s, t, beta=0.3, **kw), id="jsd_beta0.3"),
-    tvd,
-    prob_mse,
-    prob_cosine,
 ]
 B, S, V = 3, 5, 11
 
@@ -279,5 +277,19 @@ def test_resolve_divergence_errors():
     for bad in ("no_such_pkg_kdexp.fn", "kdexp.core.losses.no_such_fn"):
         with pytest.raises(ValueError, match="method.divergence"):
             resolve_divergence(bad)
-    with pytest.raises(TypeError, match="method.divergence"):
+    with pytest.raises(ValueError, match="method.divergence.*is not callable"):
         resolve_divergence("kdexp.core.losses.IGNORE_INDEX")
+    assert resolve_divergence("kdexp.core.losses:reverse_kl") is reverse_kl
+
+
+def test_divergence_check_runs_no_user_code(capsys):
+    """`this.nothing` used to import `this` at validation time, which printed the Zen of Python."""
+    check_divergence("kdexp.core.losses:tvd")
+    with pytest.raises(ValueError, match="no module 'no_such_pkg_kdexp'"):
+        check_divergence("no_such_pkg_kdexp.fn")
+    sys.modules.pop("this", None)
+    check_divergence("this.nothing")  # the module exists; its attribute is only looked up at run time
+    assert "this" not in sys.modules and capsys.readouterr().out == ""
+    for bad in ("9bad", "a b.c", "pkg:"):
+        with pytest.raises(ValueError, match="method.divergence"):
+            check_divergence(bad)

@@ -14,7 +14,7 @@ import pytest
 from kdexp.core.resume import last_checkpoint
 from kdexp.main import run
 from kdexp.methods import validate
-from tests.conftest import SMOKE, compose_cfg, run_cli
+from tests.conftest import SMOKE, assert_same_student, compose_cfg, results, run_cli
 
 # 60 optimizer steps with a checkpoint every 4: long enough to kill mid-way on a busy machine.
 ARGS = [*SMOKE, "method=kd1", "method.unlabeled_samples=0", "train.epochs=30", "train.save_steps=4",
@@ -69,13 +69,80 @@ def test_sigkill_mid_training_then_same_command_resumes_to_identical_results(tmp
     assert not list((interrupted / "cache" / "checkpoints").glob("*"))  # removed once the run completed
 
 
+class _KilledDuringEvaluation(Exception):
+    """Stands in for a SIGKILL after training: nothing after it runs (no results.json, checkpoints kept)."""
+
+
+# B0 on 32 examples in batches of 12: 3 optimizer steps per epoch, so neither schedule ends on an epoch boundary —
+# the case where Trainer, resumed from the final checkpoint, used to train one step more. Checkpoint every 4 steps.
+EXACT_ARGS = [*SMOKE, "method=b0", "train.batch_size=12", "train.save_steps=4", "train.logging_steps=1",
+              "num_samples=0", "eval_teacher=false", "hardware.torch_threads=1"]
+
+
+@pytest.mark.parametrize("schedule", [
+    pytest.param(["train.max_steps=16", "train.lr_scheduler=constant"], id="max_steps"),  # ends mid-epoch 6
+    pytest.param(["train.epochs=2.5", "train.max_steps=-1"], id="epochs"),  # 8 steps, the last epoch cut short
+])
+def test_kill_during_evaluation_then_rerun_does_exactly_the_remaining_work(schedule, tmp_path, monkeypatch):
+    import kdexp.core.runner as runner
+
+    def cfg(name):
+        made = compose_cfg([*EXACT_ARGS, *schedule], tmp_path / name)  # own cache_dir: own checkpoints, registry
+        made.output_dir = str(tmp_path / name / "out")
+        return made
+
+    reference, interrupted = cfg("reference"), cfg("interrupted")
+    run(reference)
+
+    def killed(*args, **kwargs):
+        raise _KilledDuringEvaluation
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "evaluate_model", killed)
+        with pytest.raises(_KilledDuringEvaluation):
+            run(interrupted)
+    steps = results(reference)["stages"][0]["steps"]
+    stage_dir = next(Path(interrupted.cache_dir, "checkpoints").glob("*/stage0"))
+    assert last_checkpoint(stage_dir).name == f"checkpoint-{steps}"  # training had finished and saved its end
+
+    run(interrupted)
+    resumed, expected = results(interrupted), results(reference)
+    assert resumed["stages"][0]["resumed_from"].endswith(f"checkpoint-{steps}")
+    assert resumed["stages"][0]["steps"] == steps  # not one step more
+    assert_same_student(interrupted, reference)  # weights bit for bit, eval metrics
+    assert _comparable(resumed) == _comparable(expected)  # every per-step loss, train_loss, validation metrics
+    assert [h["step"] for h in resumed["train_log"] if "loss" in h] == list(range(1, steps + 1))
+
+
+def test_a_step_past_the_schedule_fails_loudly(tmp_path, monkeypatch):
+    """Without stop_at_end (or if Trainer's resume logic changes under it) the run stops, not trains on silently."""
+    import kdexp.core.runner as runner
+    from kdexp.core import resume
+
+    cfg = compose_cfg([*EXACT_ARGS, "train.max_steps=4"], tmp_path)  # 3 steps per epoch: the end is mid-epoch
+
+    def killed(*args, **kwargs):
+        raise _KilledDuringEvaluation
+    monkeypatch.setattr(runner, "evaluate_model", killed)
+    with pytest.raises(_KilledDuringEvaluation):
+        run(cfg)
+    monkeypatch.setattr(resume, "stop_at_end", lambda trainer: None)
+    with pytest.raises(RuntimeError, match="about to train step 5 of a schedule of 4 steps"):
+        run(cfg)
+
+
 def test_checkpoint_dir_is_keyed_by_run_not_by_output_dir(tmp_path):
+    from kdexp.core.resume import checkpoint_dir
     from kdexp.core.training import training_args
+    from kdexp.experiments.registry import run_key
+    from kdexp.methods import validate
 
     a = compose_cfg([*SMOKE, "train.save_steps=2", "output_dir=/x/1"], tmp_path)
     b = compose_cfg([*SMOKE, "train.save_steps=2", "output_dir=/y/2"], tmp_path)
     c = compose_cfg([*SMOKE, "train.save_steps=2", "seed=7"], tmp_path)
-    dirs = [training_args(cfg, Path(cfg.output_dir) / "trainer").output_dir for cfg in (a, b, c)]
+    for cfg in (a, b, c):
+        validate(cfg)
+    dirs = [training_args(cfg, Path(cfg.output_dir) / "trainer", checkpoint_dir=checkpoint_dir(cfg, run_key(cfg)))
+            .output_dir for cfg in (a, b, c)]
     assert dirs[0] == dirs[1] != dirs[2] and dirs[0].startswith(str(tmp_path / "cache" / "checkpoints"))
     plain = compose_cfg(SMOKE, tmp_path)
     assert training_args(plain, Path("/tmp/o")).save_strategy == "no"

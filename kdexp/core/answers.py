@@ -3,12 +3,14 @@
 KD1's transfer-set labels and KD2's sequence-level targets are the same thing (what the teacher says to a training
 prompt, under some decoding), so they share one key scheme, one lock and one cache folder:
 ``<cache_dir>/answers/<key>.jsonl`` with one readable ``{"id", "teacher", "gold"}`` object per line and the hashed
-key material beside it in ``<key>.meta.json``. Classification tasks answer with the teacher's best label word.
+key material beside it in ``<key>.meta.json``, with the SHA-256 of the JSONL's bytes, checked before every reuse.
+Classification tasks answer with the teacher's best label word.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -97,11 +99,30 @@ def read_answers(path: Path, examples) -> list[str]:
     return answers
 
 
+def _meta_path(path: Path) -> Path:
+    return path.with_suffix(".meta.json")
+
+
+def check_digest(path: Path) -> None:
+    """ValueError naming the file unless its bytes have the SHA-256 recorded in its ``.meta.json`` at build time."""
+    meta = _meta_path(path)
+    try:
+        recorded = json.loads(meta.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"teacher answers {path}: {meta.name} is missing or malformed "
+                         f"({type(err).__name__})") from None
+    if recorded is None:
+        raise ValueError(f"teacher answers {path} have no checksum in {meta.name} (built by an older kdexp version)")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
+        raise ValueError(f"teacher answers {path} do not match the checksum in {meta.name} (changed since built)")
+
+
 def _readable(path: Path, examples) -> bool:
     if not path.exists():
         return False
     try:
         read_answers(path, examples)
+        check_digest(path)
         return True
     except ValueError as err:
         log.warning("%s; rebuilding it", err)
@@ -120,10 +141,12 @@ def teacher_answers(ctx, examples, spec: dict) -> tuple[list[str], dict]:
         log.info("teacher: answering %d training prompts (%s)", len(examples), spec)
         answers, counted["tokens"] = answer_prompts(ctx.teacher, ctx.teacher_tokenizer, examples, cfg.task, spec,
                                                     cfg.hardware.eval_batch_size)
-        atomic_write_json(path.with_suffix(".meta.json"), meta)  # what the key hashes, for inspection
         with open(tmp, "w") as f:
             for ex, answer in zip(examples, answers, strict=True):
                 f.write(json.dumps({"id": ex.id, "teacher": answer, "gold": ex.answers}) + "\n")
+        # What the key hashes (for inspection) and the digest of the bytes about to be renamed into place. Written
+        # before that rename: a crash in between leaves a digest that matches no published file, so a rebuild.
+        atomic_write_json(_meta_path(path), {**meta, "sha256": hashlib.sha256(tmp.read_bytes()).hexdigest()})
 
     built = build_once(path, build, ready=lambda p: _readable(p, examples), what=f"teacher answers {path}")
     if not built:

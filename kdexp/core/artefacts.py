@@ -16,6 +16,7 @@ import random
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,13 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+# Files kdexp writes are shared by a team through one cache_dir: give them the mode the process umask allows, as
+# open() would, not mkstemp's private 0600.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+# How long a build waits for another process's build of the same artefact (seconds; < 0 waits forever).
+LOCK_TIMEOUT_ENV = "KDEXP_LOCK_TIMEOUT_S"
 
 
 def content_hash(obj: Any, n: int = 16) -> str:
@@ -41,11 +49,16 @@ def atomic_write_json(path: Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def seed_everything(seed: int) -> None:
@@ -54,23 +67,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _holder(owner: Path) -> str:
+    try:
+        info = json.loads(owner.read_text())
+        return f"{info['host']}:{info['pid']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an unknown process"
+
+
 @contextlib.contextmanager
-def locked(path: Path, what: str, timeout_s: float = -1) -> Iterator[None]:
+def locked(path: Path, what: str, timeout_s: float | None = None) -> Iterator[None]:
     """Exclusive lock on ``<path>.lock`` (``flock`` through the filelock package), held while the block runs.
 
-    The kernel drops an flock when its holder dies, so a killed job never leaves a lock to break by hand.
-    ``timeout_s`` < 0 waits forever; a wait is logged once so a blocked job says what it waits for.
+    The kernel drops an flock when its holder dies, so a killed job never leaves a lock to break by hand, whatever
+    the lock file holds; on NFS the client maps flock to NFS byte-range locks, which hold across hosts
+    (docs/design.md lists the filesystems). The holder's host:pid goes to ``<path>.lock.owner`` for the log line a
+    waiting process prints. ``timeout_s`` (default ``$KDEXP_LOCK_TIMEOUT_S``, else wait forever) ends a wait with
+    a one-line TimeoutError naming the holder.
     """
-    lock = FileLock(f"{path}.lock")
+    lock, owner = FileLock(f"{path}.lock"), Path(f"{path}.lock.owner")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    timeout = float(os.environ.get(LOCK_TIMEOUT_ENV, -1)) if timeout_s is None else timeout_s
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.info("waiting for %s: another process holds %s", what, lock.lock_file)
-        lock.acquire(timeout=timeout_s)
+        log.info("waiting for %s held by %s (lock %s)", what, _holder(owner), lock.lock_file)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise TimeoutError(f"gave up after {timeout:g}s waiting for {what}, held by {_holder(owner)} (lock "
+                               f"{lock.lock_file}; {LOCK_TIMEOUT_ENV} sets the wait)") from None
     try:
+        atomic_write_json(owner, {"host": socket.gethostname(), "pid": os.getpid(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")})
         yield
     finally:
+        owner.unlink(missing_ok=True)
         lock.release()
 
 
@@ -92,8 +124,10 @@ def build_once(target: Path, build: Callable[[Path], None], *, ready: Callable[[
     with locked(target, what):
         if ready(target):
             return False
+        # Any other writer's temporary is an orphan: a live writer would hold the lock we hold now.
+        for orphan in target.parent.glob(f".{target.name}.tmp-*"):
+            _remove(orphan)
         tmp = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        _remove(tmp)
         try:
             build(tmp)
             if target.exists():

@@ -16,6 +16,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from accelerate.state import AcceleratorState
+
 log = logging.getLogger(__name__)
 _scratch: list[Path] = []  # output directories of ranks other than 0
 LAUNCHER_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
@@ -38,8 +42,6 @@ def setup_launch(cfg) -> None:
                          "not set")
     if world_size() > 1 and not cfg.hardware.distributed:
         raise ValueError(f"hardware.distributed=false but launched with WORLD_SIZE={world_size()}: add hardware=ddp")
-    import torch
-
     if cfg.hardware.distributed and cfg.hardware.device == "cuda" and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -61,8 +63,6 @@ def outside_process_group() -> Iterator[None]:
         yield
     finally:
         os.environ.update(saved)
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -82,8 +82,6 @@ def exit_launched_process() -> None:
     """
     if "WORLD_SIZE" not in os.environ:
         return
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

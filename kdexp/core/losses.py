@@ -20,6 +20,7 @@ is recording, each chunk runs under non-reentrant activation checkpointing, so a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from collections.abc import Callable
 from functools import partial
@@ -284,27 +285,46 @@ DIVERGENCES: dict[str, Callable] = {
 }
 
 
+def _split_path(value: str) -> tuple[str, str]:
+    """``package.module:function`` or ``package.module.function`` → (module, function); ValueError otherwise."""
+    module, sep, attr = value.partition(":") if ":" in value else value.rpartition(".")
+    if not (module and attr and attr.isidentifier() and all(p.isidentifier() for p in module.split("."))):
+        raise ValueError(f"method.divergence: unknown divergence {value!r}; choose one of {', '.join(DIVERGENCES)} "
+                         "or a dotted path to a function")
+    return module, attr
+
+
+def check_divergence(value: str) -> None:
+    """Pre-flight check of ``method.divergence`` that runs no user code: a known name, or a path whose module can
+    be found (``importlib.util.find_spec``; only its parent packages are imported). The function itself is imported
+    when the run starts (:func:`resolve_divergence`): a config file that names one is code, and runs as code."""
+    if value in DIVERGENCES:
+        return
+    module, _ = _split_path(str(value))
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ValueError(f"method.divergence={value!r}: no module {module!r} to import it from")
+
+
 def resolve_divergence(name_or_path):
     """Map a config value (``method.divergence``) to a divergence function.
 
-    Accepts a name from ``DIVERGENCES`` or a dotted path ``package.module.function`` to a callable with the
-    divergence signature ``fn(student_logits, teacher_logits, *, temperature, mask, reduction, chunk_size)``.
-    A callable is returned unchanged.
+    Accepts a name from ``DIVERGENCES`` or a path ``package.module:function`` / ``package.module.function`` to a
+    callable with the divergence signature ``fn(student_logits, teacher_logits, *, temperature, mask, reduction,
+    chunk_size)``. A callable is returned unchanged.
     """
     if callable(name_or_path):
         return name_or_path
     if name_or_path in DIVERGENCES:
         return DIVERGENCES[name_or_path]
-    module_name, _, attr = str(name_or_path).rpartition(".")
-    if not module_name:
-        raise ValueError(
-            f"method.divergence: unknown divergence {name_or_path!r}; choose one of "
-            f"{', '.join(DIVERGENCES)} or a dotted path to a function"
-        )
+    module_name, attr = _split_path(str(name_or_path))
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"method.divergence: cannot import divergence {name_or_path!r}: {err}") from err
     if not callable(fn):
-        raise TypeError(f"method.divergence: {name_or_path!r} is not callable")
+        raise ValueError(f"method.divergence: {name_or_path!r} is not callable")
     return fn

@@ -56,6 +56,13 @@ class LossTotal(TrainerCallback):
         if self.restored is not None:
             self.trainer._total_loss_scalar = self.restored
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Safety net for stop_at_end: a step past the schedule would silently change the weights and the metrics.
+        if state.global_step >= state.max_steps:
+            raise RuntimeError(f"resume: Trainer is about to train step {state.global_step + 1} of a schedule of "
+                               f"{state.max_steps} steps ({args.output_dir}); the resumed run would differ from an "
+                               "uninterrupted one")
+
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             total = self.trainer._total_loss_scalar + float(self.trainer._tr_loss.item())
@@ -72,8 +79,30 @@ def prepare_resume(trainer) -> str | None:
     trainer.add_callback(LossTotal(trainer, restored))
     if checkpoint:
         log.info("resume: continuing from %s", checkpoint)
+        stop_at_end(trainer)
     trainer.kdexp_resumed = checkpoint is not None
     return str(checkpoint) if checkpoint else None
+
+
+def stop_at_end(trainer) -> None:
+    """Make a resume from a finished schedule's last checkpoint train nothing (weights and state are still loaded).
+
+    Trainer resumes at epoch ``global_step // steps_per_epoch`` after ``global_step % steps_per_epoch`` batches and
+    checks ``global_step >= max_steps`` only after an optimizer step. When the schedule's end is not an epoch
+    boundary (``train.max_steps`` not a multiple of the steps per epoch, or fractional ``train.epochs``), resuming
+    from checkpoint-<max_steps> therefore trains one step more. Here the finished case starts after the last epoch.
+    """
+    original = trainer._init_training_state  # (max_steps, steps_per_epoch, num_train_epochs, checkpoint, trial)
+
+    def init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        epochs_trained, steps_trained = original(max_steps, num_update_steps_per_epoch, num_train_epochs, *args,
+                                                 **kwargs)
+        if trainer.state.global_step >= max_steps:
+            log.info("resume: %s finished its %d steps; nothing left to train", trainer.args.output_dir, max_steps)
+            return num_train_epochs, 0
+        return epochs_trained, steps_trained
+
+    trainer._init_training_state = init_training_state
 
 
 def fix_resumed_train_loss(trainer) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kdexp.core import live
 from kdexp.core.evaluate import evaluate_model, model_efficiency
 from kdexp.core.lora import merged_student, wrap_student
 from kdexp.core.models import build_model, load_tokenizer, same_vocabulary, tokenizer_source
@@ -48,14 +49,17 @@ def check_vocabularies(cfg, tokenizer, teacher_tokenizer, needs_shared_vocab: bo
 
 
 def setup(cfg, out_dir: Path, run_key: str, *, need_teacher: bool, shared_vocab: bool = False,
-          unlabeled_samples: int = 0) -> Context:
-    """Tokenizers (checked for a shared vocabulary when the method needs one), task data with
-    ``unlabeled_samples`` transfer-set prompts, and the teacher when ``need_teacher``."""
+          unlabeled_samples: int = 0, check_tokenizer=None) -> Context:
+    """Tokenizers (checked for a shared vocabulary when the method needs one, then by ``check_tokenizer`` — both
+    before any data loads or any teacher is prepared), task data with ``unlabeled_samples`` transfer-set prompts, and
+    the teacher when ``need_teacher``."""
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.student)
     same = tokenizer_source(cfg.teacher) == tokenizer_source(cfg.student)  # a preset may leave it to `path`
     teacher_tokenizer = tokenizer if same else load_tokenizer(cfg.teacher)
     check_vocabularies(cfg, tokenizer, teacher_tokenizer, shared_vocab)
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer)
     data = load_task(cfg.task, unlabeled_samples=unlabeled_samples)
     ctx = Context(cfg=cfg, out_dir=out_dir, run_key=run_key, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
                   data=data)
@@ -83,7 +87,8 @@ def build_student(ctx: Context, for_training: bool = True):
 
 def student_args(ctx: Context):
     """The student's TrainingArguments, its resumable checkpoints keyed by the run (train.save_steps)."""
-    return training_args(ctx.cfg, ctx.out_dir / "trainer", checkpoint_dir=checkpoint_dir(ctx.cfg, ctx.run_key))
+    args = training_args(ctx.cfg, ctx.out_dir / "trainer", checkpoint_dir=checkpoint_dir(ctx.cfg, ctx.run_key))
+    return replace(args, run_dir=str(ctx.out_dir))
 
 
 def finish(ctx: Context, student, history: list[dict], trained: bool = True) -> dict:
@@ -110,6 +115,10 @@ def finish(ctx: Context, student, history: list[dict], trained: bool = True) -> 
                                      "student-validation")
     ctx.timings["evaluate_s"] = time.perf_counter() - start
     _write_samples(out / "samples.jsonl", ctx.data.eval[: cfg.num_samples], s_preds, t_preds)
+    if ctx.teacher is not None:  # what the dashboard's run page shows, so that it never loads a model
+        rows = live.disagreement_samples(student, ctx.teacher, ctx.tokenizer, ctx.data.eval, cfg.task,
+                                         cfg.num_samples, teacher_tokenizer=ctx.teacher_tokenizer)
+        live.write_jsonl(out / live.DISAGREEMENTS, rows)
     main = cfg.task.main_metric
     return {
         "metrics": s_metrics, "teacher_metrics": teacher_metrics, "validation_metrics": v_metrics,

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import Trainer, TrainingArguments
 
-from kdexp.core import param_groups, resume
+from kdexp.core import live, param_groups, resume
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class RunArguments(TrainingArguments):
     param_groups: list = field(default_factory=list)  # optim.param_groups rules (plain dicts)
     stages: list = field(default_factory=list)  # stage.stages entries (plain dicts); empty = one plain stage
     stage_index: int = 0  # added to every logged metric as "stage"
+    run_dir: str | None = None  # the student's run dir: live train_log.jsonl + heartbeat.json (core/live.py)
 
 
 def with_controls(cfg, args: RunArguments, checkpoint_dir: Path | None) -> RunArguments:
@@ -59,6 +60,9 @@ def train_stages(model, dataset, args: TrainingArguments, collator, trainer_cls,
     """Train ``model`` in place stage by stage; return the concatenated log history plus one summary per stage."""
     stages = getattr(args, "stages", None) or [{}]
     history: list[dict] = []
+    # One live log for every stage, so its step count runs on across them (the dashboard's curves).
+    trainer_kwargs = {**trainer_kwargs, "callbacks": [*trainer_kwargs.get("callbacks", []),
+                                                      *live.callbacks(getattr(args, "run_dir", None))]}
     for index, stage in enumerate(stages):
         stage_args = stage_arguments(args, stage, index) if isinstance(args, RunArguments) else args
         rules = stage.get("param_groups")

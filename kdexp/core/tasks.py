@@ -77,17 +77,32 @@ LOADERS: dict[str, Callable[[], Rows]] = {"sst2": load_sst2, "squad": load_squad
 def load_raw(task_cfg) -> Rows:
     """(training pool, eval) rows in the hub's schema, from the embedded files or the hub."""
     if task_cfg.source == "hub":
-        import datasets  # import here: costs seconds and is only needed for hub data
-
-        ds = datasets.load_dataset(task_cfg.hub_id, task_cfg.hub_config)
-        return list(ds["train"]), list(ds["validation"])
+        return _hub_rows(task_cfg)
     if task_cfg.source != "embedded":
         raise ValueError(f"task.source={task_cfg.source!r}: expected embedded or hub")
     if task_cfg.loader is None:
         raise ValueError(f"task {task_cfg.name!r} has no embedded data (task.loader is null); set task.source=hub")
     if task_cfg.loader not in LOADERS:
         raise ValueError(f"task.loader={task_cfg.loader!r} is not one of {sorted(LOADERS)} (kdexp/core/tasks.py)")
-    return LOADERS[task_cfg.loader]()
+    try:
+        return LOADERS[task_cfg.loader]()
+    except (OSError, EOFError, ValueError, KeyError, UnicodeDecodeError, csv.Error) as err:
+        # A damaged install must not surface as a traceback from gzip or csv halfway into a run.
+        raise ValueError(f"task.loader={task_cfg.loader}: the embedded data under {_asset(task_cfg.loader)} is "
+                         f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         "reinstall kdexp") from None
+
+
+def _hub_rows(task_cfg) -> Rows:
+    import datasets  # import here: costs seconds and is only needed for hub data
+
+    try:
+        ds = datasets.load_dataset(task_cfg.hub_id, task_cfg.hub_config)
+        return list(ds["train"]), list(ds["validation"])
+    except Exception as err:  # datasets raises ConnectionError, FileNotFoundError, its own DatasetNotFoundError...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"task.source=hub: cannot load {task_cfg.hub_id!r} ({task_cfg.hub_config}) from the hub "
+                         f"({type(err).__name__}: {first[:200]}); offline, use task.source=embedded") from None
 
 
 def field_value(row: dict, path: str) -> Any:
@@ -116,10 +131,6 @@ def example_maker(task_cfg) -> Callable[[dict], Example]:
         return Example(id=str(row[id_field]), prompt=prompt, answers=answers)
 
     return make
-
-
-def to_example(row: dict, task_cfg) -> Example:
-    return example_maker(task_cfg)(row)
 
 
 @dataclass

@@ -9,6 +9,8 @@ so this is how it becomes worth distilling; a hub teacher can be fine-tuned the 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 
 from kdexp.config import CONF_DIR
 from kdexp.config.schema import TeacherConfig
@@ -27,6 +30,8 @@ from kdexp.core.training import train_model, training_args
 
 log = logging.getLogger(__name__)
 MARKER = "kdexp_teacher.json"
+# What loading a prepared teacher reads as weights; the marker records each one's SHA-256 (docs/design.md).
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json")
 # What decides the examples and their encoding (so the teacher's training data, answers and logits).
 TASK_DATA_KEYS = ("name", "source", "hub_id", "hub_config", "loader", "prompt_template", "id_field", "answer_field",
                   "strip_fields", "label_words", "stop_strings", "answer_extraction", "append_eos",
@@ -74,13 +79,55 @@ def prepare_teacher(cfg, tokenizer, data: TaskData):
 
     key = teacher_key(cfg)
     target = Path(cfg.cache_dir) / "teachers" / key
-    built = build_once(target, lambda tmp: _train_teacher(cfg, tokenizer, data, tmp),
-                       ready=lambda p: (p / MARKER).exists(), what=f"prepared teacher {key}")
+    built = build_once(target, lambda tmp: _train_teacher(cfg, tokenizer, data, tmp), ready=_verified,
+                       what=f"prepared teacher {key}")
     if not built:
         log.info("teacher: reusing prepared teacher %s", target)
-    info = {"key": key, "path": str(target), "prepared": True,
-            **OmegaConf.to_container(OmegaConf.load(target / MARKER)), "reused": not built}
-    return load_saved(str(target), cfg.hardware).eval(), info
+    info = {"key": key, "path": str(target), "prepared": True, **json.loads((target / MARKER).read_text()),
+            "reused": not built}
+    try:
+        model = load_saved(str(target), cfg.hardware)
+    except (SafetensorError, OSError) as err:  # its checksums matched just now, so this is not a damaged file
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"prepared teacher {target} cannot be loaded ({type(err).__name__}: {first}); "
+                         "delete that directory to prepare it again") from err
+    return model.eval(), info
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def weight_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every weight file in ``folder`` (``WEIGHT_FILES``), by file name."""
+    names = sorted({p.name for pattern in WEIGHT_FILES for p in Path(folder).glob(pattern)})
+    return {name: file_sha256(Path(folder) / name) for name in names}
+
+
+def unverified_reason(folder: Path) -> str | None:
+    """Why the prepared teacher in ``folder`` must not be loaded (None: its marker parses and every weight file
+    matches the SHA-256 recorded at preparation). Hashing costs one read of the weights (docs/design.md)."""
+    try:
+        files = json.loads((Path(folder) / MARKER).read_text()).get("files")
+    except FileNotFoundError:
+        return f"it has no {MARKER} (its preparation did not finish)"
+    except (OSError, ValueError, AttributeError) as err:
+        return f"its {MARKER} is malformed ({type(err).__name__}: {err})"
+    if not isinstance(files, dict) or not files:
+        return f"its {MARKER} records no weight checksums (prepared by an older kdexp version)"
+    found = weight_digests(folder)
+    bad = sorted(name for name in files.keys() | found.keys() if files.get(name) != found.get(name))
+    return f"its weight files {', '.join(bad)} do not match the checksums in {MARKER}" if bad else None
+
+
+def _verified(folder: Path) -> bool:
+    if not folder.exists():
+        return False
+    reason = unverified_reason(folder)
+    if reason is not None:
+        log.warning("prepared teacher %s is not usable: %s; preparing it again", folder, reason)
+    return reason is None
 
 
 def _train_teacher(cfg, tokenizer, data: TaskData, tmp: Path) -> None:
@@ -102,7 +149,8 @@ def _train_teacher(cfg, tokenizer, data: TaskData, tmp: Path) -> None:
             "final_train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
             # Not part of the key, but the bits depend on them: see docs/design.md (teacher preparation).
             "prepared_with": {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                              "device": str(next(model.parameters()).device)}}
+                              "device": str(next(model.parameters()).device)},
+            "files": weight_digests(tmp)}  # checked before every load: damaged weights are prepared again
     atomic_write_json(tmp / MARKER, meta)  # written last: its presence marks a complete preparation
 
 

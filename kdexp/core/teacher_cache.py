@@ -25,15 +25,16 @@ from kdexp.core.losses import forward_kl
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every chunk carries a fletcher32 checksum, verified at open and on each read
 TAIL_BIN_RATIO = 4  # bin widths 1, 4, 16, ... over the sorted tail; see the doc for the accuracy/size trade-off
 CHUNK_ROWS = 64  # token rows per HDF5 chunk: small enough that example i touches <= 2 chunks, big enough to compress
 WRITE_BLOCK = 4096  # token rows buffered between HDF5 writes; resizing per example is slow
+VERIFY_ROWS = CHUNK_ROWS * 1024  # rows per read of the checksum pass at open (8 MiB of top-k values at k=64)
 COMPRESSIONS = ("lzf", "gzip", None)
 
 
 class CacheInvalid(ValueError):
-    """The cache file is missing, unreadable, incomplete or was built for another configuration."""
+    """The cache file is missing, unreadable, damaged, incomplete or was built for another configuration."""
 
 
 def tail_bin_edges(vocab_size: int, top_k: int) -> list[int]:
@@ -156,7 +157,9 @@ def _write_rows(f: h5py.File, rows: Iterable, n_examples: int, vocab_size: int, 
 
 def _filter_opts(compression) -> dict:
     # Shuffle groups the float16 high bytes (sign + exponent, near-constant on sorted logits) so lzf/gzip bite.
-    return {"compression": compression, "shuffle": compression is not None}
+    # fletcher32 checksums each stored chunk (4 bytes); HDF5 verifies it on every read, so damage raises, never
+    # reaches a loss.
+    return {"compression": compression, "shuffle": compression is not None, "fletcher32": True}
 
 
 def _meta_json(meta: dict | None) -> str:
@@ -170,19 +173,22 @@ def build_teacher_cache(path, rows, *, n_examples, vocab_size, top_k=64, compres
     Through :func:`kdexp.core.artefacts.build_once`: a valid file with the same meta and shape already at ``path``
     (e.g. one a concurrent builder finished first) is kept, anything else is replaced atomically.
     """
-    return _build(Path(path), lambda: rows, n_examples=n_examples, vocab_size=vocab_size, top_k=top_k,
-                  compression=compression, meta=meta, progress=progress)
+    _build(Path(path), lambda: rows, n_examples=n_examples, vocab_size=vocab_size, top_k=top_k,
+           compression=compression, meta=meta, progress=progress)
+    return Path(path)
 
 
 def _build(path: Path, make_rows: Callable[[], Iterable], *, n_examples, vocab_size, top_k, compression, meta,
-           progress=True) -> Path:
+           progress=True) -> list[TeacherCache]:
+    """Build unless a cache that verifies and matches is there; returns [that cache, opened] or [] (built here)."""
     _check_top_k(top_k, vocab_size)
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-    shape = (n_examples, vocab_size, top_k)
+    shape, opened = (n_examples, vocab_size, top_k), []
 
     def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
+        # The 1.10 file format checksums HDF5's own metadata (object headers, attributes, chunk index) as well.
+        with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
             n_tok = _write_rows(f, make_rows(), n_examples, vocab_size, top_k, compression, progress)
             f.attrs.update({"format_version": FORMAT_VERSION, "vocab_size": vocab_size, "top_k": top_k,
                             "n_examples": n_examples, "n_tokens": n_tok, "compression": str(compression),
@@ -193,18 +199,30 @@ def _build(path: Path, make_rows: Callable[[], Iterable], *, n_examples, vocab_s
         with open(tmp, "rb") as fh:  # a power cut after the rename must not leave a complete-flagged file of garbage
             os.fsync(fh.fileno())
 
-    build_once(path, write, ready=lambda p: _invalid_reason(p, meta, shape) is None, what=f"teacher cache {path}")
-    return path
+    build_once(path, write, ready=lambda p: _reusable(p, meta, shape, opened), what=f"teacher cache {path}")
+    return opened
 
 
-def _invalid_reason(path: Path, meta: dict | None, shape: tuple[int, int, int]) -> str | None:
-    """Why the file at ``path`` cannot serve as this cache (None: it can)."""
+def _reusable(path: Path, meta: dict | None, shape: tuple[int, int, int], opened: list) -> bool:
+    """``build_once``'s ready check: open ``path`` (every checksum verified) into ``opened`` if it can serve as this
+    cache; a file that cannot is rebuilt with a warning saying why."""
+    if not path.exists():
+        log.info("building teacher cache %s", path)
+        return False
     try:
         cache = open_teacher_cache(path, expected_meta=meta)
+        got = (cache.n_examples, cache.vocab_size, cache.top_k)
+        if got != shape:
+            raise CacheInvalid(f"it holds (n_examples, vocab_size, top_k)={got}, expected {shape}")
     except CacheInvalid as e:
-        return str(e)
-    got = (cache.n_examples, cache.vocab_size, cache.top_k)
-    return None if got == shape else f"it holds (n_examples, vocab_size, top_k)={got}, expected {shape}"
+        warnings.warn(f"rebuilding teacher cache: {e}", stacklevel=5)
+        return False
+    opened.append(cache)
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 class TeacherCache:
@@ -224,13 +242,17 @@ class TeacherCache:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -self.n_examples <= i < self.n_examples:
             raise IndexError(f"example {i} out of range for a teacher cache of {self.n_examples}")
-        if self._h5 is None or self._pid != os.getpid():  # an h5py handle inherited through fork is not usable
-            self._h5, self._pid = _h5_open(self.path), os.getpid()
-            # Dataset lookups by name cost ~30 us each, more than the reads themselves: resolve them once.
-            self._dsets = tuple(self._h5[name] for name in ("topk_logits", "topk_ids", "tail"))
         s = int(self._starts[i])
         sl = slice(s, s + int(self._counts[i]))
-        return _decode(*(ds[sl] for ds in self._dsets), self._log_n)
+        try:
+            if self._h5 is None or self._pid != os.getpid():  # an h5py handle inherited through fork is not usable
+                self._h5, self._pid = _h5_open(self.path), os.getpid()
+                # Dataset lookups by name cost ~30 us each, more than the reads themselves: resolve them once.
+                self._dsets = tuple(self._h5[name] for name in ("topk_logits", "topk_ids", "tail"))
+            return _decode(*(ds[sl] for ds in self._dsets), self._log_n)
+        except (OSError, RuntimeError, KeyError) as e:  # a chunk failing its checksum raises OSError
+            raise CacheInvalid(f"teacher cache {self.path}: example {i} cannot be read, the file was damaged after "
+                               f"it was opened ({_first_line(e)}); the next run rebuilds it") from e
 
     def close(self) -> None:
         if self._h5 is not None and self._pid == os.getpid():
@@ -247,7 +269,8 @@ def _h5_open(path) -> h5py.File:
 
 
 def open_teacher_cache(path, *, expected_meta: dict | None = None) -> TeacherCache:
-    """Open and validate ``path``; raises CacheInvalid (one line) when it must not be used."""
+    """Open and validate ``path``, reading every chunk once so that HDF5 checks each one's checksum; raises
+    CacheInvalid (one line) when it must not be used. Costs one sequential read of the file (docs/teacher_cache.md)."""
     path = Path(path)
     if not path.is_file():
         raise CacheInvalid(f"teacher cache {path} does not exist")
@@ -259,43 +282,45 @@ def open_teacher_cache(path, *, expected_meta: dict | None = None) -> TeacherCac
             if attrs.get("format_version") != FORMAT_VERSION:
                 raise CacheInvalid(f"teacher cache {path} has format {attrs.get('format_version')}, "
                                    f"expected {FORMAT_VERSION}")
+            stored, expected = json.loads(attrs["meta"]), json.loads(_meta_json(expected_meta or {}))
+            diff = sorted(k for k in stored.keys() | expected.keys() if stored.get(k, ...) != expected.get(k, ...))
+            if expected_meta is not None and diff:  # before the checksum pass, which a stale file need not pay
+                raise CacheInvalid(f"teacher cache {path} was built for another configuration "
+                                   f"(meta differs in: {', '.join(diff)})")
             starts, counts = f["row_start"][:].astype(np.int64), f["row_count"][:].astype(np.int64)
             n_tok = int(attrs["n_tokens"])
+            if len(starts) != int(attrs["n_examples"]) or np.any(starts + counts > n_tok):
+                raise CacheInvalid(f"teacher cache {path} has an inconsistent example index")
             for name in ("topk_logits", "topk_ids", "tail"):
-                if f[name].shape[0] != n_tok:
-                    raise CacheInvalid(f"teacher cache {path}: dataset {name} has {f[name].shape[0]} rows, "
-                                       f"expected {n_tok}")
-                if n_tok:
-                    f[name][n_tok - 1]  # reading the last chunk catches truncation that opening did not
+                _verify_dataset(path, f[name], n_tok)
+        return TeacherCache(path, attrs, starts, counts)
     except CacheInvalid:
         raise
     except Exception as e:  # h5py raises OSError, KeyError, RuntimeError... for damaged files
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CacheInvalid(f"teacher cache {path} is unreadable ({type(e).__name__}: {first})") from e
-    if len(starts) != int(attrs["n_examples"]) or np.any(starts + counts > n_tok):
-        raise CacheInvalid(f"teacher cache {path} has an inconsistent example index")
-    if expected_meta is not None:
-        stored, expected = json.loads(attrs["meta"]), json.loads(_meta_json(expected_meta))
-        diff = sorted(k for k in stored.keys() | expected.keys() if stored.get(k, ...) != expected.get(k, ...))
-        if diff:
-            raise CacheInvalid(f"teacher cache {path} was built for another configuration "
-                               f"(meta differs in: {', '.join(diff)})")
-    return TeacherCache(path, attrs, starts, counts)
+        raise CacheInvalid(f"teacher cache {path} is unreadable ({_first_line(e)})") from e
+
+
+def _verify_dataset(path: Path, ds: h5py.Dataset, n_tok: int) -> None:
+    """Read every chunk of ``ds``: HDF5 verifies each one's fletcher32 checksum and raises on a mismatch."""
+    if ds.shape[0] != n_tok:
+        raise CacheInvalid(f"teacher cache {path}: dataset {ds.name} has {ds.shape[0]} rows, expected {n_tok}")
+    for lo in range(0, n_tok, VERIFY_ROWS):
+        hi = min(lo + VERIFY_ROWS, n_tok)
+        try:
+            ds[lo:hi]
+        except OSError as e:
+            raise CacheInvalid(f"teacher cache {path} is damaged: dataset {ds.name} rows {lo}-{hi - 1} fail their "
+                               f"checksum or cannot be read ({_first_line(e)})") from e
 
 
 def load_or_build_teacher_cache(path, make_rows: Callable[[], Iterable], *, n_examples, vocab_size, top_k,
                                 compression, meta) -> TeacherCache:
-    """Reuse a valid cache whose meta and shape match; otherwise (re)build it, warning when a file was replaced."""
-    path = Path(path)
-    reason = _invalid_reason(path, meta, (n_examples, vocab_size, top_k)) if path.exists() else None
-    if reason is not None:
-        warnings.warn(f"rebuilding teacher cache: {reason}", stacklevel=2)
-    elif not path.exists():
-        log.info("building teacher cache %s", path)
+    """Reuse a valid cache whose meta and shape match (checksums verified once, under the lock); otherwise (re)build
+    it, warning when a file was replaced."""
     # make_rows is called only if build_once decides to build: a reused cache never runs the teacher.
-    _build(path, make_rows, n_examples=n_examples, vocab_size=vocab_size, top_k=top_k, compression=compression,
-           meta=meta)
-    return open_teacher_cache(path, expected_meta=meta)
+    opened = _build(Path(path), make_rows, n_examples=n_examples, vocab_size=vocab_size, top_k=top_k,
+                    compression=compression, meta=meta)
+    return opened[0] if opened else open_teacher_cache(path, expected_meta=meta)
 
 
 def collate_cache_rows(rows: list[dict], window: int) -> dict[str, torch.Tensor]:

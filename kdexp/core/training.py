@@ -8,6 +8,7 @@ big batch (``loss_is_scaled_for_ga = True`` tells Trainer not to divide again).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -61,7 +62,12 @@ class AnswerTrainer(Trainer):
             return
         acc = self.__dict__.setdefault("_term_sums", {})
         for k, v in terms.items():
-            acc[k] = acc.get(k, 0.0) + float(v.detach()) / self.args.gradient_accumulation_steps
+            value = float(v.detach())
+            if not math.isfinite(value):  # stop now: a NaN step would poison every later weight and metric
+                step = self.state.global_step + 1
+                raise FloatingPointError(f"loss term loss_{k} is {value} at optimizer step {step} (check the learning "
+                                         "rate, the temperature and the teacher)")
+            acc[k] = acc.get(k, 0.0) + value / self.args.gradient_accumulation_steps
         self.__dict__["_term_steps"] = self.__dict__.get("_term_steps", 0) + 1 / self.args.gradient_accumulation_steps
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -101,6 +107,7 @@ def training_args(cfg, out_dir: Path, train_cfg=None, seed: int | None = None, l
         dataloader_num_workers=hw.dataloader_num_workers,
         remove_unused_columns=False,
         disable_tqdm=False,
+        logging_nan_inf_filter=False,  # a NaN loss must show (and stop the run), not be averaged away
         **({"activation_checkpointing": True} if hw.gradient_checkpointing else {}),
     )
     # Param groups, stages and checkpoints are the student's (teacher preparation passes its own train_cfg).

@@ -43,7 +43,13 @@ def lookup(cfg, key: str) -> dict | None:
     pointer = _pointer(cfg, key)
     if not pointer.exists():
         return None
-    results_path = Path(json.loads(pointer.read_text())["results"])
+    try:
+        results_path = Path(json.loads(pointer.read_text())["results"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # A truncated pointer must not block this config forever: the run is simply done again.
+        log.warning("registry pointer %s is unreadable (%s: %s); treating the run as not done", pointer,
+                    type(err).__name__, err)
+        return None
     try:
         results = json.loads(results_path.read_text())
     except (OSError, ValueError):

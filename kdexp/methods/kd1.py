@@ -22,7 +22,14 @@ from omegaconf import II
 from kdexp.config.checks import choice, fail, finite, fraction, positive
 from kdexp.core.answers import decoding_spec, teacher_answers
 from kdexp.core.artefacts import content_hash
-from kdexp.core.losses import blend, cached_forward_kl, forward_kl, masked_cross_entropy, resolve_divergence
+from kdexp.core.losses import (
+    blend,
+    cached_forward_kl,
+    check_divergence,
+    forward_kl,
+    masked_cross_entropy,
+    resolve_divergence,
+)
 from kdexp.core.models import Encoded, answer_logits, collate, encode
 from kdexp.core.runner import Context, build_student, finish, setup, student_args
 from kdexp.core.stages import stage_losses
@@ -75,7 +82,7 @@ def check(cfg) -> None:
     positive(cfg, ["method.unlabeled_samples"], strict=False)
     choice(cfg, "method.teacher_signal", ("cached", "online"))
     choice(cfg, "method.cache_compression", ("lzf", "gzip", "none"))
-    resolve_divergence(m.divergence)
+    check_divergence(m.divergence)
     for key, value in stage_losses(cfg, "alpha"):
         if not 0 <= value <= 1:
             fail(key, value, "must be in [0, 1]")
@@ -191,13 +198,17 @@ def ensure_cache(ctx, feats: list[Encoded]):
     return cache
 
 
+def check_top_k(top_k: int, vocab: int) -> None:
+    if top_k > vocab:
+        raise ValueError(f"method.top_k={top_k} exceeds the teacher vocabulary size {vocab}")
+
+
 def run(cfg, out_dir: Path, run_key: str) -> dict:
     m = cfg.method
+    divergence = resolve_divergence(m.divergence)  # a user's function is imported here, before any model loads
     ctx = setup(cfg, out_dir, run_key, need_teacher=True, shared_vocab=NEEDS_SHARED_VOCAB,
-                unlabeled_samples=m.unlabeled_samples)
+                unlabeled_samples=m.unlabeled_samples, check_tokenizer=lambda tok: check_top_k(m.top_k, len(tok)))
     vocab = len(ctx.tokenizer)
-    if m.top_k > vocab:
-        raise ValueError(f"method.top_k={m.top_k} exceeds the teacher vocabulary size {vocab}")
     feats = kd_features(ctx)
     cached = m.teacher_signal == "cached" and m.alpha > 0
     collator = cached_collator(ensure_cache(ctx, feats), ctx.tokenizer.pad_token_id) if cached else None
@@ -205,7 +216,7 @@ def run(cfg, out_dir: Path, run_key: str) -> dict:
     start = time.perf_counter()
     history = train_model(student, feats, student_args(ctx), ctx.tokenizer.pad_token_id,
                           trainer_cls=DistillationTrainer, collator=collator, alpha=m.alpha,
-                          temperature=m.temperature, divergence=resolve_divergence(m.divergence),
+                          temperature=m.temperature, divergence=divergence,
                           teacher=None if cached else ctx.teacher, vocab_size=vocab, chunk_size=m.chunk_size)
     ctx.timings["train_s"] = time.perf_counter() - start
     return finish(ctx, student, history)

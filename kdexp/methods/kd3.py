@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from kdexp.config.checks import choice, finite, positive
-from kdexp.core.losses import blend, masked_cross_entropy, resolve_divergence
+from kdexp.core.losses import blend, check_divergence, masked_cross_entropy, resolve_divergence
 from kdexp.core.models import answer_logits
 from kdexp.core.runner import build_student, finish, setup, student_args
 from kdexp.core.training import train_model
@@ -127,7 +127,7 @@ def check(cfg) -> None:
     choice(cfg, "method.feature_loss", ("mse", "cosine"))
     choice(cfg, "method.feature_tokens", ("all", "answer"))
     choice(cfg, "method.feature_norm", ("none", "layernorm"))
-    resolve_divergence(m.divergence)
+    check_divergence(m.divergence)
     if not (m.w_ce or m.w_kl or m.w_feat):
         raise ValueError(f"method.w_feat={m.w_feat!r} and method.w_ce, method.w_kl are all 0: at least one KD3 "
                          "weight must be > 0")
@@ -314,6 +314,7 @@ def save_projections(projections: nn.ModuleDict, pairs: list[tuple], path: Path)
 
 def run(cfg, out_dir: Path, run_key: str) -> dict:
     m = cfg.method
+    divergence = resolve_divergence(m.divergence)  # a user's function is imported here, before any model loads
     # Real depths before the teacher is prepared or loaded, so a bad map fails in seconds.
     pairs = resolve_layer_map(m.layer_map, model_depth(cfg.student), model_depth(cfg.teacher), m.include_embeddings)
     ctx = setup(cfg, out_dir, run_key, need_teacher=True, shared_vocab=NEEDS_SHARED_VOCAB,
@@ -331,7 +332,7 @@ def run(cfg, out_dir: Path, run_key: str) -> dict:
         history = train_model(
             student, feats, student_args(ctx), ctx.tokenizer.pad_token_id,
             trainer_cls=FeatureDistillationTrainer, teacher=ctx.teacher, vocab_size=len(ctx.tokenizer),
-            temperature=m.temperature, divergence=resolve_divergence(m.divergence), chunk_size=m.chunk_size,
+            temperature=m.temperature, divergence=divergence, chunk_size=m.chunk_size,
             w_ce=m.w_ce, w_kl=m.w_kl, w_feat=m.w_feat, pairs=pairs, projections=projections,
             feature_loss=m.feature_loss, feature_tokens=m.feature_tokens, feature_norm=m.feature_norm)
     ctx.timings["train_s"] = time.perf_counter() - start
