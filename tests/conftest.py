@@ -20,6 +20,18 @@ def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
     return compose(overrides + extra)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: small ops on a shared 2-core box mostly wait for a busy core with two
+    (measured 9x), and preparing a teacher is bitwise repeatable only at a fixed thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     def _make(*overrides: str, out: str = "out"):

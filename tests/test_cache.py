@@ -25,13 +25,7 @@ from kdexp.core.teacher_cache import (
 TEMPERATURES = (0.5, 1, 2, 4, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These ops are small; on a shared 2-core box a second intra-op thread mostly waits for a busy core (measured 9x).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def peaked_logits(n, vocab, seed):

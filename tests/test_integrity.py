@@ -25,13 +25,7 @@ from tests.conftest import SMOKE, assert_same_student, compose_cfg, results
 DATASETS = ("topk_logits", "topk_ids", "tail", "row_start", "row_count")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The box is shared; preparing the same teacher twice is also bitwise repeatable only at a fixed thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- teacher logit cache ------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdexp.core import answers as answers_module
 from kdexp.main import run
-from kdexp.methods import kd2, validate
+from kdexp.methods import validate
 from tests.conftest import SMOKE, assert_same_student, compose_cfg, results, student_weights
 
 
@@ -43,8 +44,8 @@ def test_generation_cache_reused_and_gold_mix_blends(make_cfg, monkeypatch):
     def _no_generation(*args, **kwargs):
         raise AssertionError("the teacher generated although the cache holds its answers")
 
-    monkeypatch.setattr(kd2, "generate_answers", _no_generation)
-    monkeypatch.setattr(kd2, "classify", _no_generation)
+    monkeypatch.setattr(answers_module, "decode_answers", _no_generation)
+    monkeypatch.setattr(answers_module, "classify", _no_generation)
     # Another seed, gold mix and an unused sampling knob: none of them changes the teacher's greedy answers.
     second = make_cfg(*SMOKE, "task=squad", "method=kd2", "seed=2", "method.gold_mix=0.5",
                       "method.decoding.top_p=0.5", out="b")
@@ -92,9 +93,10 @@ def test_decoding_strategies(tmp_path):
     def answers(*overrides):
         c = compose_cfg([*SMOKE, "task=squad", "method=kd2", "method.decoding.max_new_tokens=6", *overrides],
                         tmp_path)
-        spec = kd2.decoding_spec(c)
-        with kd2._seeded(spec.get("seed"), torch.device("cpu")):
-            return kd2.generate_answers(model, tok, examples, c.task, spec, batch_size=4), spec
+        spec = answers_module.decoding_spec(c.task, c.method.decoding, c.hardware.eval_batch_size)
+        with answers_module._seeded(spec.get("seed"), torch.device("cpu")):
+            kwargs = answers_module.generation_kwargs(spec)
+            return answers_module.decode_answers(model, tok, examples, c.task, 4, kwargs), spec
 
     (greedy, n_greedy), spec = answers()
     assert spec == {"strategy": "greedy", "max_new_tokens": 6} and 0 < n_greedy <= 6 * len(examples)

@@ -158,7 +158,6 @@ def test_model_depth_reads_a_local_models_config(tmp_path):
     ("method.feature_loss=l1", "method.feature_loss"),
     ("method.feature_tokens=prompt", "method.feature_tokens"),
     ("method.feature_norm=batchnorm", "method.feature_norm"),
-    ("method.teacher_signal=cached", "method.teacher_signal"),
     ("method.include_embeddings=true method.layer_map=[[1,1]]", "method.include_embeddings"),
 ])
 def test_kd3_bad_values(override, key, tmp_path):
@@ -203,3 +202,11 @@ def test_bench_kd3_measures_every_method():
     assert set(out["peak_rss_mb"]) == {"setup", *METHODS} and all(v > 0 for v in out["peak_rss_mb"].values())
     assert out["peak_rss_ratio"]["kd3/kd1"] > 0 and out["student"] == "1x64" and out["teacher"] == "3x128"
     assert set(out["setup_rss_mb"]) == set(out["train_rss_increment_mb"]) == set(METHODS)
+
+
+def test_kd3_has_no_teacher_signal_knob(tmp_path):
+    """KD3's teacher always runs online (its hidden states are needed), so its schema has no teacher_signal."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="teacher_signal"):
+        compose_cfg(["method=kd3", "method.teacher_signal=cached"], tmp_path)

@@ -115,7 +115,7 @@ def finish(ctx: Context, student, history: list[dict], trained: bool = True) -> 
                                      "student-validation")
     ctx.timings["evaluate_s"] = time.perf_counter() - start
     _write_samples(out / "samples.jsonl", ctx.data.eval[: cfg.num_samples], s_preds, t_preds)
-    if ctx.teacher is not None:  # what the dashboard's run page shows, so that it never loads a model
+    if ctx.teacher is not None and cfg.num_samples:  # for the dashboard's run page, which never loads a model
         rows = live.disagreement_samples(student, ctx.teacher, ctx.tokenizer, ctx.data.eval, cfg.task,
                                          cfg.num_samples, teacher_tokenizer=ctx.teacher_tokenizer)
         live.write_jsonl(out / live.DISAGREEMENTS, rows)
