@@ -31,7 +31,10 @@ def streamlit_command(port: int) -> list[str]:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kdexp.dashboard", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kdexp.dashboard",
+        description="Serve the kdexp dashboard on 127.0.0.1 and print its URL: runs, live curves, run pages with "
+                    "teacher/student disagreements, sweep reports. Works offline.")
     parser.add_argument("dirs", nargs="*", type=Path,
                         help="directories searched for runs (default: outputs/ and multirun/ here)")
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
