@@ -86,9 +86,17 @@ def run(cfg: DictConfig) -> float:
     if done is not None and not cfg.force:
         return _skip(cfg, key, done)
 
-    threads = _threads(cfg)
+    previous, threads = torch.get_num_threads(), _threads(cfg)
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _execute(cfg, key)
+    finally:  # run() is also called in-process (tests, benches): leave the caller's thread count as it was
+        torch.set_num_threads(previous)
+
+
+def _execute(cfg: DictConfig, key: str) -> float:
+    """Train, evaluate, check and record one run whose config passed the pre-flight."""
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,17 @@ def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
     return compose(overrides + extra)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Whatever a test sets (a bench's hardware.torch_threads, a fixture), the next test starts with the same thread
+    count: in-process reference runs are compared bitwise with subprocess runs, and floats depend on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Torch on one thread for a module: small ops on a shared 2-core box mostly wait for a busy core with two

@@ -139,10 +139,9 @@ def yaml_task(text: str, **overrides):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(one_torch_thread):
     model_cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "student" / "tiny.yaml"),
                                 {"quantization": "none", "revision": None})
-    torch.set_num_threads(1)
     tokenizer = load_tokenizer(model_cfg)
     return build_model(model_cfg, len(tokenizer), 0, HW), tokenizer
 
