@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,12 @@ def run(cfg: DictConfig) -> float:
         distributed.setup_launch(cfg)
         check_environment(cfg)
     except ValueError as err:
+        _discard_empty_run_dir(cfg)
         sys.exit(f"kdexp: config error: {err}")
+    cache = Path(cfg.cache_dir).expanduser()
+    if not cache.exists():
+        log.info("cache: %s (new; prepared teachers, teacher caches and the run registry live here for runs from any "
+                 "folder; KDEXP_CACHE_DIR or cache_dir=... moves it)", cache)
     key = registry.run_key(cfg)
     done = registry.lookup(cfg, key)
     if done is not None and not cfg.force:
@@ -93,6 +99,27 @@ def run(cfg: DictConfig) -> float:
         return _execute(cfg, key)
     finally:  # run() is also called in-process (tests, benches): leave the caller's thread count as it was
         torch.set_num_threads(previous)
+
+
+def _discard_empty_run_dir(cfg) -> None:
+    """A run stopped by a config error leaves nothing: Hydra made its folder (.hydra/, the log) before run() began."""
+    if not HydraConfig.initialized():
+        return
+    out, top = Path(cfg.output_dir).resolve(), Path.cwd().resolve()
+    if not out.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in out.iterdir()):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    for parent in out.parents:  # outputs/<task>/<method>/ when this was their only run
+        if parent == top or top not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def _drop_empty_dirs(out_dir: Path) -> None:
+    """Trainer makes its output_dir even when it saves nothing there: keep a run folder free of empty folders."""
+    for path in sorted(out_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _execute(cfg: DictConfig, key: str) -> float:
@@ -123,12 +150,20 @@ def _execute(cfg: DictConfig, key: str) -> float:
     atomic_write_json(out_dir / "results.json", results)
     registry.record(cfg, key, out_dir / "results.json")
     resume.clear_checkpoints(cfg, key)  # train.save_steps: the run is complete, nothing left to resume
+    _drop_empty_dirs(out_dir)
     wandb_log.finish(tracker, results)
+    log.info(summary_line(cfg.method.name, results, out_dir / "results.json"))
+    return results["main_metric"]["validation_value"]
+
+
+def summary_line(method: str, results: dict, path: Path) -> str:
+    """The run's last log line: its numbers rounded alike, and any flag a reader must see before trusting them."""
     main = results["main_metric"]
-    log.info("done in %.1fs: %s eval %s=%.4f (validation %.4f, teacher %s) -> %s", results["wall_time_s"],
-             cfg.method.name, main["name"], main["value"], main["validation_value"], main["teacher_value"],
-             out_dir / "results.json")
-    return main["validation_value"]
+    teacher = "" if main["teacher_value"] is None else f", teacher {main['teacher_value']:.4f}"
+    flags = "".join(f"; {'FLAGGED' if f.get('severity', 'degenerate') == 'degenerate' else 'warning'} {f['who']}: "
+                    f"{f['message']}" for f in results.get("flags") or [])
+    return (f"done in {results['wall_time_s']:.1f}s: method={method}, {main['name']} {main['value']:.4f} on eval "
+            f"(validation {main['validation_value']:.4f}{teacher}){flags} -> {path}")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

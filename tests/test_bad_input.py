@@ -95,7 +95,8 @@ def _umask() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,last_line", [
-    (["method=foo"], "kdexp: config error: method=foo is not an option of method (choices: b0, eval, kd1, kd2, kd3)"),
+    (["method=foo"],
+     "kdexp: config error: method=foo is not an option of method (choices: b0, eval, kd1, kd2, kd3, kd4)"),
     (["train.lrr=1"], "kdexp: config error: train.lrr is not a key of the config (did you mean train.lr?)"),
     (["seed=abc"], "kdexp: config error: seed: Value 'abc' of type 'str' could not be converted to Integer"),
 ])

@@ -15,6 +15,10 @@ KD1_KEYS = {
     "cache_compression", "kd_loss_abs_error", "kd_loss_abs_error_imitating_student", "teacher_top_k_mass",
     "loss_error_tokens", "step_s", "kd1_cached_over_b0_step", "kd1_online_over_b0_step", "peak_rss_mb",
     "peak_rss_kd1_over_b0", "peak_rss_kd1_online_over_b0", "load_average_1m", "self_cpu_s",
+    "peak_rss_kd1_run_over_b0_run", "peak_rss_run_mb", "peak_rss_run_params", "peak_rss_run_teacher_loaded",
+    "peak_rss_run_kind", "peak_rss_run_overrides",
+    "kd_loss_abs_error_by_mode", "kd_loss_mean_error_by_mode", "kd_grad_cosine_by_mode", "cache_mode_layouts",
+    "cache_bytes_per_token_by_mode",
 }
 VARIANTS = {"b0", "kd1_cached", "kd1_online"}
 
@@ -49,3 +53,10 @@ def test_bench_kd1_returns_documented_keys(tmp_path, monkeypatch):
         assert {"train_peak_mb", "before_train_mb", "process_peak_mb"} <= set(figures)
         assert figures["train_peak_mb"] >= figures["before_train_mb"] > 0
     assert set(out["peak_rss_mb"]) == VARIANTS and out["peak_rss_kd1_over_b0"] > 0
+    modes = {"head_uniform", "head_sampled", "sampled"}
+    for key in ("kd_loss_abs_error_by_mode", "kd_grad_cosine_by_mode"):
+        assert set(out[key]) == modes and all(set(out[key][m]) == {"untrained", "imitating"} for m in modes)
+        assert all(set(by_t) == {"1", "2", "4"} for m in modes for by_t in out[key][m].values())
+    assert all(set(out["cache_bytes_per_token_by_mode"][m]) == {"64", "128"} for m in modes)
+    assert out["peak_rss_run_teacher_loaded"] == {"kd1_cold": True, "b0": False, "kd1_warm": False}
+    assert out["peak_rss_run_params"]["teacher_over_student"] >= 4 and out["peak_rss_kd1_run_over_b0_run"] > 0

@@ -19,6 +19,8 @@ from kdexp.core.losses import (
     prob_mse,
     resolve_divergence,
     reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
     tvd,
 )
 
@@ -256,6 +258,8 @@ def test_resolve_divergence():
         "tvd": tvd,
         "prob_mse": prob_mse,
         "prob_cosine": prob_cosine,
+        "skew_kl": skew_kl,
+        "skew_reverse_kl": skew_reverse_kl,
     }
     assert all(resolve_divergence(name) is fn for name, fn in names.items()) and DIVERGENCES == names
     assert resolve_divergence("kdexp.core.losses.reverse_kl") is reverse_kl
@@ -269,7 +273,7 @@ def test_resolve_divergence():
 def test_resolve_divergence_errors():
     message = (
         "method.divergence: unknown divergence 'xyz'; choose one of forward_kl, reverse_kl, jsd, tvd, "
-        "prob_mse, prob_cosine or a dotted path to a function"
+        "prob_mse, prob_cosine, skew_kl, skew_reverse_kl or a dotted path to a function"
     )
     with pytest.raises(ValueError) as info:
         resolve_divergence("xyz")

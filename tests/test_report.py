@@ -51,6 +51,9 @@ def test_report_has_every_table_and_figure(sweep, tmp_path):
         assert (out / f"{name}.csv").stat().st_size > 0 and (out / f"{name}.md").stat().st_size > 0
     for name in FIGURES:
         assert (out / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        web, printed = out / "figures" / f"{name}.png", out / "figures" / "300dpi" / f"{name}.png"
+        assert printed.stat().st_size > web.stat().st_size
+        assert (out / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
     page = (out / "index.html").read_text()
     assert all(f'src="figures/{name}.png"' in page for name in FIGURES)
     assert page.count("<table>") >= 4 and "Significance vs B0" in page and "plain sweep" in page
@@ -65,7 +68,7 @@ def test_report_has_every_table_and_figure(sweep, tmp_path):
 
 
 def test_latex_tables_escape_and_keep_every_cell():
-    from kdexp.analysis.tables import _latex_table
+    from kdexp.analysis.pages import _latex_table
 
     md = ["| vs B0 | 95% CI | d_z |", "|---|---|---|", "| kd1 T=1 α=0.9 | [0.1, 0.3] | 4.1 |", "",
           "*other*", "", "| a \\| b | c |", "|---|---|", "| 1 ± 0.1 | – |", ""]
@@ -78,7 +81,8 @@ def test_latex_tables_escape_and_keep_every_cell():
 
 @pytest.mark.slow
 def test_significance_matches_compare_on_the_same_data(sweep, tmp_path):
-    out = build([sweep], tmp_path / "rep")
+    # Smoke-sized runs are flagged degenerate (one class); the comparison is about the arithmetic, so keep them.
+    out = build([sweep], tmp_path / "rep", include_flagged=True)
     results = _results(sweep)
     b0 = _values(results, "b0")
     assert len(b0) == 3
@@ -148,3 +152,27 @@ def test_no_complete_results_is_a_one_line_error(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "kdexp.report", str(tmp_path / "nope")], capture_output=True,
                              text=True, cwd=ROOT)
     assert missing.returncode != 0 and "is not a directory" in missing.stderr
+
+
+def test_model_memory_counts_parameters_and_buffers_once():
+    import torch
+
+    from kdexp.core.evaluate import model_memory_mb
+
+    emb = torch.nn.Embedding(100, 8)  # 800 float32
+    head = torch.nn.Linear(8, 100, bias=False)
+    head.weight = emb.weight  # tied, as in many LMs: one tensor in memory
+    model = torch.nn.Sequential(emb, head, torch.nn.BatchNorm1d(4))
+    # float32 embedding (tied head counted once), BatchNorm weight + bias, running mean + var, one int64 counter
+    expected = 800 * 4 + (4 + 4) * 4 + (4 + 4) * 4 + 8
+    assert model_memory_mb(model) * 2**20 == expected
+
+
+def test_timing_is_noisy_only_when_the_load_exceeded_the_cores():
+    from kdexp.core.evaluate import machine_load, timing_noisy
+
+    assert timing_noisy({"load_avg_1m": 2.5, "cores_available": 2})
+    assert not timing_noisy({"load_avg_1m": 2.0, "cores_available": 2})
+    assert not timing_noisy({"latency_ms_per_example": 3.0})  # results written before loads were recorded
+    load = machine_load(load_before=1e6)
+    assert load["load_avg_1m"] == 1e6 and load["cores_available"] >= 1 and load["load_avg_5m"] >= 0

@@ -70,6 +70,7 @@ def test_wandb_offline_run_and_report(wandb_spy, make_cfg, tmp_path):
     summary = seen["summary"][0]
     assert summary["eval/accuracy"] == results["metrics"]["accuracy"]
     assert summary["main/validation_value"] == results["main_metric"]["validation_value"]
+    assert summary["diagnostics/top1_agreement"] == results["diagnostics"]["top1_agreement"]
     assert list((Path(cfg.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
 
     from kdexp.analysis.report import build

@@ -9,7 +9,11 @@ sizes: tasks are never mixed in one table), and writes to OUT (default ``<first 
 - ``kd1_ablation`` — the KD1 temperature × alpha grid of eval means.
 - ``significance`` — each method and each KD1 grid cell vs B0, paired by seed (:func:`kdexp.analysis.stats.compare`),
   Holm-adjusted within each family; ``benchmarks`` — size, latency, throughput and memory, teacher/student ratios.
-- ``figures/*.png``, ``report.md`` (every table) and ``index.html`` (tables and figures, works offline).
+- ``figures/<name>.{png,pdf}`` and ``figures/300dpi/<name>.png`` with captions, ``report.md`` (every table and
+  figure) and ``index.html`` (tables and figures, works offline).
+
+Runs flagged degenerate (``results.json["flags"]``) are marked ⚠ in the tables and left out of the significance
+tests unless ``--include-flagged``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdexp import methods
-from kdexp.analysis import figures
+from kdexp.analysis import figures, pages
 from kdexp.analysis import tables as report_tables
 from kdexp.config import BOOKKEEPING_KEYS
 from kdexp.core.tracking import wandb_init
@@ -218,16 +222,19 @@ def _protocol_note(protocol: str, manifests: dict) -> str:
                if edges else ""))
 
 
-def build(dirs: list[Path], out: Path | None = None, wandb: bool | None = None) -> Path:
+def build(dirs: list[Path], out: Path | None = None, wandb: bool | None = None, include_flagged: bool = False) -> Path:
     found = scan(dirs)
     if not found.runs:
         raise ValueError(f"no complete results.json under {', '.join(map(str, dirs))} ({found.summary()})")
     log.info("%s", found.summary())
     out = Path(out or Path(dirs[0]) / "report")
     groups = group(found.runs, found.manifests)
-    tables = report_tables.write_all(groups, out, found.summary())
-    images = figures.draw_all(groups, out / "figures")
-    report_tables.write_html(out / "index.html", tables, images, found.summary())
+    for g in groups:
+        g.include_flagged = include_flagged
+    tables = pages.write_all(groups, out, found.summary())
+    drawn = figures.draw_all(groups, out / "figures")
+    pages.append_figures(out / "report.md", drawn)
+    pages.write_html(out / "index.html", tables, drawn, found.summary())
     loggers = [r.data["config"].get("logger") or {} for r in found.runs]
     wandb_cfgs = [c for c in loggers if c.get("name") == "wandb"]
     if wandb if wandb is not None else bool(wandb_cfgs):
@@ -255,10 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="report directory (default: <first dir>/report)")
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
                         help="log the main table to W&B (default: when the runs used logger=wandb)")
+    parser.add_argument("--include-flagged", action="store_true",
+                        help="keep runs flagged degenerate (one class, empty answers, trivial teacher) in the "
+                             "significance tests; they are marked in the tables either way")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = build(args.dirs, args.out, args.wandb)
+        out = build(args.dirs, args.out, args.wandb, include_flagged=args.include_flagged)
     except ValueError as err:
         sys.exit(f"kdexp.analysis.report: error: {err}")
     print(f"report: {out / 'index.html'}")

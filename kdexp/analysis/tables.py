@@ -1,19 +1,21 @@
-"""Tables of the report: aggregation over seeds, paired significance vs B0, CSV / Markdown / HTML output.
+"""Tables of the report: aggregation over seeds, paired significance vs B0, and their Markdown cells.
 
 Every table is a list of row dicts carrying ``protocol`` and ``setting`` columns, so a CSV never mixes tasks without
-saying so, and the Markdown / HTML versions get one section per setting with its protocol note on top.
+saying so, and the Markdown / HTML versions get one section per setting with its protocol note on top
+(:mod:`kdexp.analysis.pages` writes them). Runs flagged degenerate (``results.json["flags"]``,
+:mod:`kdexp.core.degenerate`) are marked ⚠ and left out of the significance tests unless ``include_flagged``.
 """
 
 from __future__ import annotations
 
-import csv
-import html
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kdexp.analysis.stats import compare, describe, holm
+from kdexp.core.degenerate import is_degenerate
+from kdexp.core.evaluate import timing_noisy
 from kdexp.methods import METHODS
 
 # What the report shows for each method comes from its module: the baseline every other method is tested against,
@@ -22,7 +24,10 @@ BASELINE = next(name for name, module in METHODS.items() if module.BASELINE)
 GRIDS = {name: tuple(module.LABEL_KNOBS.items()) for name, module in METHODS.items() if len(module.LABEL_KNOBS) == 2}
 
 EFFICIENCY = {"total_params": "params", "disk_mb": "disk MB", "latency_ms_per_example": "latency ms/ex",
-              "throughput_examples_per_s": "throughput ex/s", "peak_memory_mb": "peak memory MB"}
+              "throughput_examples_per_s": "throughput ex/s",
+              "model_memory_mb": "model memory MB (params + buffers)",
+              "activation_memory_mb": "activation memory MB (eval batch, GPU)",
+              "peak_memory_mb": "process peak memory MB"}
 TABLES = {
     "main_results": "Main results (eval split, mean ± sd over seeds)",
     "significance": f"Significance vs {BASELINE.upper()} (paired by seed, eval split)",
@@ -30,6 +35,10 @@ TABLES = {
        for m, ((a, _), (b, _)) in GRIDS.items()},
     "benchmarks": "Benchmarks (means over runs)",
 }
+# A paired t-test on 2 pairs has 1 degree of freedom: its p rests on a single spread estimate (t_crit = 12.7), so
+# the report gives the difference and its CI but no test below 3 pairs.
+MIN_PAIRS = 3
+FLAG = "⚠"
 
 
 @dataclass
@@ -48,6 +57,17 @@ class Variant:
     def efficiency(self, role: str) -> dict:
         return _mean_efficiency([r.data.get("efficiency", {}).get(role) for r in self.runs.values()])
 
+    def flags(self, who: str | None = None) -> dict[int, list[dict]]:
+        """seed -> the run's flags (only ``who``'s when given): empty lists for clean runs."""
+        return {seed: [f for f in run.data.get("flags") or [] if who is None or f.get("who") == who]
+                for seed, run in sorted(self.runs.items())}
+
+    def degenerate_seeds(self) -> list[int]:
+        """Seeds whose student outcome is flagged degenerate. A teacher flag is shown on the teacher row but leaves
+        the runs in: B0 never sees the teacher, and a KD student that learnt nothing from it carries its own flag."""
+        return [seed for seed, flags in self.flags().items()
+                if is_degenerate([f for f in flags if f.get("who", "student") == "student"])]
+
 
 @dataclass
 class Group:
@@ -56,10 +76,14 @@ class Group:
     label: str
     variants: dict  # label -> Variant
     note: str
+    include_flagged: bool = False  # keep flagged runs in the significance tests
 
     @property
     def metric(self) -> str:
-        return next(iter(next(iter(self.variants.values())).runs.values())).data["main_metric"]["name"]
+        return self.first_run().data["main_metric"]["name"]
+
+    def first_run(self):
+        return next(iter(next(iter(self.variants.values())).runs.values()))
 
     def selected(self) -> dict[str, Variant]:
         """Per method, the variant with the best mean validation score (selection never looks at eval)."""
@@ -80,8 +104,15 @@ class Group:
         return describe([describe(values)[0] for values in per_teacher.values()])
 
     def teacher_efficiency(self) -> dict:
-        return _mean_efficiency([r.data.get("efficiency", {}).get("teacher") for v in self.variants.values()
-                                 for r in v.runs.values()])
+        return _mean_efficiency(self._teacher_entries())
+
+    def _teacher_entries(self) -> list[dict | None]:
+        return [r.data.get("efficiency", {}).get("teacher") for v in self.variants.values() for r in v.runs.values()]
+
+    def teacher_flags(self) -> dict[int, list[dict]]:
+        """Every run's teacher flags, keyed by a running index (the teacher is the same model in every run)."""
+        flags = [v.flags("teacher") for v in self.variants.values()]
+        return dict(enumerate(f for per_seed in flags for f in per_seed.values()))
 
     def cells(self, method: str) -> list[Variant]:
         return [v for v in self.variants.values() if v.method == method]
@@ -89,7 +120,32 @@ class Group:
 
 def _mean_efficiency(entries: list[dict | None]) -> dict:
     entries = [e for e in entries if e]
-    return {k: describe([e.get(k) if e.get(k) is not None else math.nan for e in entries])[0] for k in EFFICIENCY}
+    means = {k: describe([e.get(k) if e.get(k) is not None else math.nan for e in entries])[0] for k in EFFICIENCY}
+    loads = [e["load_avg_1m"] for e in entries if e.get("load_avg_1m") is not None]
+    noisy = sum(timing_noisy(e) for e in entries)
+    means["load_avg_1m"] = max(loads) if loads else math.nan
+    means["timing"] = f"noisy: load > cores in {noisy}/{len(entries)} run(s)" if noisy else ""
+    return means
+
+
+def flag_summary(per_seed: dict) -> str:
+    """"⚠ single_class 5/5, dominant_loss_term 5/5": how many of the runs carry each flag code ("" when none)."""
+    counts = Counter(code for flags in per_seed.values() for code in dict.fromkeys(f["code"] for f in flags))
+    return (FLAG + " " + ", ".join(f"{code} {k}/{len(per_seed)}" for code, k in counts.items())) if counts else ""
+
+
+def flag_notes(g: Group) -> list[str]:
+    """One footnote per flagged variant and flag code: which seeds, and the first run's message."""
+    notes = []
+    for name, per_seed in [*((v.label, v.flags()) for v in g.variants.values()), ("teacher", g.teacher_flags())]:
+        by_code: dict[tuple, list] = {}
+        for seed, flags in per_seed.items():
+            for f in flags:
+                by_code.setdefault((f["code"], f.get("who", "")), []).append((seed, f))
+        for (code, who), hits in by_code.items():
+            seeds = "" if name == "teacher" else f" (seed {', '.join(str(s) for s, _ in hits)})"
+            notes.append(f"{FLAG} {name}{seeds}: {code} ({who}): {hits[0][1].get('message', '')}")
+    return sorted(dict.fromkeys(notes))
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -103,6 +159,20 @@ def _fmt(x, digits: int = 4) -> str:
         # Keep trailing zeros (0.2310, not 0.231): a column of equal precision reads as equal precision.
         return f"{x:#.{digits}g}".removesuffix(".")
     return str(x)
+
+
+def _fixed(x, decimals: int) -> str:
+    """One column, one format: fixed decimals ("–" for missing, inf as text)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{decimals}f}" if math.isfinite(x) else str(x)
+
+
+def _pvalue(p) -> str:
+    """p-values as journals print them: three decimals, "< 0.001" below that."""
+    if p is None or math.isnan(p):
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _pm(mean: float, sd: float) -> str:
@@ -120,12 +190,12 @@ def _decimals(x: float) -> int:
     return len(text.split(".")[1]) if "." in text and "e" not in text else 0
 
 
-def _ci(mean: float, low: float, high: float) -> str:
-    """[low, high] to the mean difference's decimal places ([0.1100, 0.1996], not [0.11, 0.1996])."""
-    d = _decimals(mean)
-    if any(isinstance(x, float) and not math.isfinite(x) for x in (mean, low, high)) or not d:
-        return f"[{_fmt(low)}, {_fmt(high)}]"
-    return f"[{low:.{d}f}, {high:.{d}f}]"
+def metric_decimals(g: Group) -> int:
+    """Decimals of the metric as the main table prints it (4 significant digits of the largest mean): differences
+    are in the same unit, so 0.1250 sits beside 0.0126, never beside 0.01261."""
+    means = [abs(v.stats()[0]) for v in g.variants.values()]
+    means = [m for m in means if math.isfinite(m) and m > 0]
+    return _decimals(max(means)) if means else 4
 
 
 def main_rows(g: Group) -> list[dict]:
@@ -137,9 +207,11 @@ def main_rows(g: Group) -> list[dict]:
         rows.append({"method": method, "config": v.label, "params": json.dumps(v.params), "n_seeds": n,
                      "mean": mean, "sd": sd, "validation_mean": v.stats("validation_value")[0],
                      "retention_pct": 100 * mean / t_mean if t_mean else math.nan,
-                     "selection": f"best of {n_variants} by validation" if n_variants > 1 else ""})
+                     "selection": f"best of {n_variants} by validation" if n_variants > 1 else "",
+                     "flags": flag_summary(v.flags())})
     rows.append({"method": "teacher", "config": "", "n_seeds": t_n, "mean": t_mean, "sd": t_sd,
-                 "validation_mean": math.nan, "retention_pct": 100.0 if t_n else math.nan, "selection": ""})
+                 "validation_mean": math.nan, "retention_pct": 100.0 if t_n else math.nan, "selection": "",
+                 "flags": flag_summary(g.teacher_flags())})
     return rows
 
 
@@ -152,17 +224,36 @@ def ablation_rows(g: Group, method: str) -> list[dict]:
         rest = " ".join(f"{k}={p}" for k, p in v.params.items() if k not in (f"method.{a}", f"method.{b}"))
         mean, sd, n = v.stats()
         rows.append({a: cfg.get(f"method.{a}"), b: cfg.get(f"method.{b}"), "other": rest,
-                     "n_seeds": n, "mean": mean, "sd": sd, "validation_mean": v.stats("validation_value")[0]})
+                     "n_seeds": n, "mean": mean, "sd": sd, "validation_mean": v.stats("validation_value")[0],
+                     "flags": flag_summary(v.flags())})
     return sorted(rows, key=lambda r: (r["other"], r[a], r[b]))
 
 
-def _compare_rows(family: str, pairs: list[tuple[Variant, Variant]]) -> list[dict]:
+def _paired_values(a: Variant, b: Variant, include_flagged: bool) -> tuple[dict, dict, str]:
+    """Both sides' {seed: value}, without seeds where either run is flagged degenerate (unless included)."""
+    flagged = sorted(set(a.degenerate_seeds()) | set(b.degenerate_seeds()))
+    if not flagged:
+        return a.values(), b.values(), ""
+    seeds = ", ".join(map(str, flagged))
+    if include_flagged:
+        return a.values(), b.values(), f"includes flagged seed(s) {seeds}"
+    keep = lambda values: {s: x for s, x in values.items() if s not in flagged}  # noqa: E731
+    return keep(a.values()), keep(b.values()), f"left out flagged seed(s) {seeds} (--include-flagged keeps them)"
+
+
+def _compare_rows(family: str, pairs: list[tuple[Variant, Variant]], include_flagged: bool) -> list[dict]:
     rows = []
     for a, b0 in pairs:
-        c = compare(a.values(), b0.values(), paired=True)
+        va, vb, flag_note = _paired_values(a, b0, include_flagged)
+        c = compare(va, vb, paired=True)
+        notes = [flag_note, *(n for n in c.note.split("; ") if n and ": no test (" not in n)]
+        t, df, p, d = c.t, c.df, c.p, c.cohens_d
+        if c.n < MIN_PAIRS:
+            notes.append(f"n too small for a test (n={c.n}, a test needs ≥ {MIN_PAIRS} pairs)")
+            t = df = p = math.nan
         rows.append({"family": family, "comparison": a.label, "baseline": b0.label, "n": c.n, "mean_diff": c.mean_diff,
-                     "ci_low": c.ci_low, "ci_high": c.ci_high, "t": c.t, "df": c.df, "p": c.p, "p_holm": math.nan,
-                     "cohens_dz": c.cohens_d, "note": c.note})
+                     "ci_low": c.ci_low, "ci_high": c.ci_high, "t": t, "df": df, "p": p, "p_holm": math.nan,
+                     "cohens_dz": d, "note": "; ".join(n for n in notes if n)})
     for row, p in zip(rows, holm([r["p"] for r in rows]), strict=True):
         row["p_holm"] = p
     return rows
@@ -174,23 +265,24 @@ def significance_rows(g: Group) -> list[dict]:
     base = selected.get(BASELINE)
     if base is None:
         return []
-    rows = _compare_rows(f"methods vs {BASELINE.upper()}", [(v, base) for m, v in selected.items() if m != BASELINE])
+    rows = _compare_rows(f"methods vs {BASELINE.upper()}", [(v, base) for m, v in selected.items() if m != BASELINE],
+                         g.include_flagged)
     for method in GRIDS:
         cells = [(v, base) for v in g.cells(method)] if len(g.cells(method)) > 1 else []
-        rows += _compare_rows(f"{method.upper()} grid vs {BASELINE.upper()}", cells)
+        rows += _compare_rows(f"{method.upper()} grid vs {BASELINE.upper()}", cells, g.include_flagged)
     return rows
 
 
 def benchmark_rows(g: Group) -> list[dict]:
     selected = g.selected()
-    rows = [{"model": f"student ({m})", **{k: v.efficiency("student")[k] for k in EFFICIENCY}}
-            for m, v in selected.items()]
+    rows = [{"model": f"student ({m})", **v.efficiency("student")} for m, v in selected.items()]
     teacher = g.teacher_efficiency()
     if not math.isnan(teacher["total_params"]):
         rows.append({"model": "teacher", **teacher})
         ref = rows[0]
-        rows.append({"model": f"teacher / {ref['model']}",
-                     **{k: teacher[k] / ref[k] if ref[k] else math.nan for k in EFFICIENCY}})
+        rows.append({"model": f"teacher / {ref['model']}", **{k: teacher[k] / ref[k] if ref[k] else math.nan
+                                                               for k in EFFICIENCY}, "load_avg_1m": math.nan,
+                     "timing": ""})
     return rows
 
 
@@ -198,21 +290,52 @@ ROWS = {"main_results": main_rows, "significance": significance_rows,
         **{f"{m}_ablation": (lambda g, m=m: ablation_rows(g, m)) for m in GRIDS}, "benchmarks": benchmark_rows}
 
 
-def _markdown(name: str, g: Group, rows: list[dict]) -> list[str]:
+def markdown(name: str, g: Group, rows: list[dict]) -> list[str]:
+    """A table's Markdown lines for one setting (the HTML and LaTeX tables show the same cells)."""
     if name.removesuffix("_ablation") in GRIDS:
-        return _grid_markdown(rows, GRIDS[name.removesuffix("_ablation")])
+        return _grid_markdown(rows, GRIDS[name.removesuffix("_ablation")]) + _footnotes(g, rows)
     if name == "main_results":
         rows = [{"method": r["method"], "config": r["config"], "n": r["n_seeds"],
                  f"{g.metric} (eval)": _pm(r["mean"], r["sd"]), "validation": _fmt(r["validation_mean"]),
-                 "retention % of teacher": _fmt(r["retention_pct"], 3), "selection": r["selection"]} for r in rows]
-    elif name == "significance":
-        rows = [{"family": r["family"], "vs B0": r["comparison"], "n": r["n"], "mean diff": _fmt(r["mean_diff"]),
-                 "95% CI": _ci(r["mean_diff"], r["ci_low"], r["ci_high"]), "t": _fmt(r["t"], 3),
-                 "p": _fmt(r["p"], 3), "p (Holm)": _fmt(r["p_holm"], 3), "d_z": _fmt(r["cohens_dz"], 3),
-                 "note": r["note"]} for r in rows]
-    else:
-        rows = [{("model" if k == "model" else EFFICIENCY[k]): _fmt(v) for k, v in r.items()} for r in rows]
+                 "retention % of teacher": _fmt(r["retention_pct"], 3), "selection": r["selection"],
+                 FLAG: r["flags"]} for r in rows]
+        return _md_table(_drop_empty(rows, FLAG)) + _footnotes(g, rows)
+    if name == "significance":
+        return _significance_markdown(g, rows)
+    rows = [{("model" if k == "model" else EFFICIENCY.get(k, k)): _fmt(v) for k, v in r.items()
+             if k not in ("load_avg_1m", "timing")} | {"load avg 1 min (max)": _fmt(r["load_avg_1m"], 3),
+                                                      "timing": r["timing"]} for r in rows]
+    noisy = any(r["timing"] for r in rows)
+    # Columns a run may not have recorded (CPU: no activation memory; older results: no load, no model memory).
+    for optional in ("timing", "load avg 1 min (max)", *(EFFICIENCY[k] for k in ("model_memory_mb",
+                                                                                 "activation_memory_mb"))):
+        rows = _drop_empty([{k: ("" if k == optional and v == "–" else v) for k, v in r.items()} for r in rows],
+                           optional)
+    return _md_table(rows) + ([
+        "*Timing noisy: the 1-minute load average exceeded the cores available to the run during the timed eval "
+        "(others competed for the CPU); latency and throughput of those runs are not comparable.*", ""]
+        if noisy else [])
+
+
+def _significance_markdown(g: Group, rows: list[dict]) -> list[str]:
+    d = metric_decimals(g)
+    rows = [{"family": r["family"], f"vs {BASELINE.upper()}": r["comparison"], "n": r["n"],
+             "mean diff": _fixed(r["mean_diff"], d),
+             "95% CI": f"[{_fixed(r['ci_low'], d)}, {_fixed(r['ci_high'], d)}]",
+             "t": _fixed(r["t"], 2), "p": _pvalue(r["p"]), "p (Holm)": _pvalue(r["p_holm"]),
+             "d_z": _fixed(r["cohens_dz"], 2), "note": r["note"]} for r in rows]
     return _md_table(rows)
+
+
+def _drop_empty(rows: list[dict], column: str) -> list[dict]:
+    """Leave out an optional column (⚠ flags, timing) that is empty in every row of this section."""
+    return rows if any(r.get(column) for r in rows) else [{k: v for k, v in r.items() if k != column} for r in rows]
+
+
+def _footnotes(g: Group, rows: list[dict]) -> list[str]:
+    if not any(r.get("flags") or r.get(FLAG) for r in rows):
+        return []
+    return [*(f"*{note}*" for note in flag_notes(g)), ""]
 
 
 def _grid_markdown(rows: list[dict], knobs: tuple) -> list[str]:
@@ -223,7 +346,8 @@ def _grid_markdown(rows: list[dict], knobs: tuple) -> list[str]:
         columns = sorted({r[b] for r in sub})
         grid = []
         for t in sorted({r[a] for r in sub}):
-            cells = {r[b]: f"{_pm(r['mean'], r['sd'])} (n={r['n_seeds']})" for r in sub if r[a] == t}
+            cells = {r[b]: f"{_pm(r['mean'], r['sd'])} (n={r['n_seeds']})" + (f" {FLAG}" if r["flags"] else "")
+                     for r in sub if r[a] == t}
             grid.append({f"{short_a} \\ {short_b}": t, **{f"{short_b}={c}": cells.get(c, "–") for c in columns}})
         lines += ([f"*{other}*", ""] if other else []) + _md_table(grid)
     return lines
@@ -237,102 +361,3 @@ def _md_table(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
     return lines + [""]
-
-
-def write_all(groups: list[Group], out: Path, summary: str) -> dict[str, list[tuple[Group, list[dict]]]]:
-    """Write ``<table>.csv`` / ``<table>.md`` and ``report.md``; return the rows per table and group."""
-    out.mkdir(parents=True, exist_ok=True)
-    tables = {name: [(g, ROWS[name](g)) for g in groups] for name in TABLES}
-    report = ["# kdexp report", "", summary, ""]
-    for name, title in TABLES.items():
-        md = [f"# {title}", ""]
-        for g, rows in tables[name]:
-            md += [f"## {g.label}", "", f"Protocol: {g.note}. Metric: {g.metric}.", "", *_markdown(name, g, rows)]
-        (out / f"{name}.md").write_text("\n".join(md))
-        (out / f"{name}.tex").write_text("\n".join(
-            _latex_table(f"{title}, {g.label}. Protocol: {g.note}. Metric: {g.metric}.", _markdown(name, g, rows))
-            for g, rows in tables[name]))
-        report += ["#" + line if line.startswith("#") else line for line in md]
-        _write_csv(out / f"{name}.csv", [{"protocol": g.protocol, "setting": g.label, "task": g.task,
-                                          "metric": g.metric, **r} for g, rows in tables[name] for r in rows])
-    (out / "report.md").write_text("\n".join(report))
-    return tables
-
-
-LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "α": r"$\alpha$",
-         "→": r"$\to$", "×": r"$\times$", "–": "--", "·": r"$\cdot$", "Δ": r"$\Delta$",
-         "≤": r"$\le$", "≥": r"$\ge$"}
-
-
-def _tex(text: str) -> str:
-    return "".join(LATEX.get(ch, ch) for ch in text)
-
-
-def _md_blocks(md_lines: list[str]) -> list[list[list[str]] | str]:
-    """The Markdown lines produced above as a list of tables (rows of raw cell text) and non-empty text lines, so
-    the HTML page and the LaTeX tables show the same cells as the .md files."""
-    blocks: list[list[list[str]] | str] = []
-    for line in md_lines:
-        if line.startswith("|---"):
-            continue
-        if line.startswith("|"):
-            if not blocks or isinstance(blocks[-1], str):
-                blocks.append([])
-            blocks[-1].append([c.strip().replace("\\|", "|") for c in line.strip().strip("|").split(" | ")])
-        elif line:
-            blocks.append(line)
-        elif blocks and not isinstance(blocks[-1], str):
-            blocks.append("")  # a blank line ends a table: the next one (e.g. another grid) starts anew
-    return [b for b in blocks if b != ""]
-
-
-def _latex_table(caption: str, md_lines: list[str]) -> str:
-    """A booktabs table (\\usepackage{booktabs}) with the same cell text as the Markdown/HTML tables."""
-    body = []
-    for b in _md_blocks(md_lines):
-        if isinstance(b, str):
-            continue
-        rows = [" & ".join(_tex(c) for c in row) + r" \\" for row in b]
-        body += [r"\begin{tabular}{" + "l" * len(b[0]) + "}", r"\toprule", rows[0], r"\midrule", *rows[1:],
-                 r"\bottomrule", r"\end{tabular}"]
-    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(caption)}}}", *(body or ["(no rows)"]),
-                      r"\end{table}", ""])
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    cols = list(dict.fromkeys(k for r in rows for k in r)) or ["protocol", "setting", "task", "metric"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_html(path: Path, tables: dict, images: list[Path], summary: str) -> None:
-    """One self-contained page (relative image links) that works offline: every table, then every figure."""
-    body = [f"<h1>kdexp report</h1><p>{html.escape(summary)}</p>"]
-    for name, title in TABLES.items():
-        body.append(f"<h2>{html.escape(title)}</h2>")
-        for g, rows in tables[name]:
-            body.append(f"<h3>{html.escape(g.label)}</h3><p class=note>Protocol: {html.escape(g.note)}. "
-                        f"Metric: {html.escape(g.metric)}.</p>")
-            body.append(_html_table(_markdown(name, g, rows)))
-    body.append("<h2>Figures</h2>")
-    body += [f'<figure><img src="{p.relative_to(path.parent)}" alt="{p.stem}"><figcaption>{p.stem}'
-             "</figcaption></figure>" for p in images]
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
-             "td,th{border:1px solid #bbb;padding:3px 8px}.note{color:#555}img{max-width:100%}")
-    path.write_text(f"<!doctype html><html><head><meta charset=utf-8><title>kdexp report</title><style>{style}"
-                    f"</style></head><body>{''.join(body)}</body></html>")
-
-
-def _html_table(md_lines: list[str]) -> str:
-    out = []
-    for b in _md_blocks(md_lines):
-        if isinstance(b, str):
-            out.append(f"<p>{html.escape(b.strip('*'))}</p>")
-            continue
-        rows = ["".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in row)
-                for i, row in enumerate(b)]
-        out.append("<table>" + "".join(f"<tr>{r}</tr>" for r in rows) + "</table>")
-    return "".join(out)

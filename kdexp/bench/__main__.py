@@ -1,4 +1,4 @@
-"""``python -m kdexp.bench kd1|kd2|kd3 [options] [OVERRIDES...]``: run one bench, print one JSON object on stdout."""
+"""``python -m kdexp.bench kd1|kd2|kd3|kd4 [options] [OVERRIDES...]``: run one bench, print one JSON object."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from kdexp.bench.kd1 import SWEEP_OVERRIDES, bench_kd1
 from kdexp.bench.kd2 import STRATEGIES, bench_kd2
 from kdexp.bench.kd3 import BENCH_OVERRIDES as KD3_OVERRIDES
 from kdexp.bench.kd3 import bench_kd3
+from kdexp.bench.kd4 import BENCH_OVERRIDES as KD4_OVERRIDES
+from kdexp.bench.kd4 import bench_kd4
 
-DEFAULT_STEPS = {"kd1": 10, "kd3": 8}
+DEFAULT_STEPS = {"kd1": 10, "kd3": 8, "kd4": 3}
 
 
 def strategies(value: str) -> tuple[str, ...]:
@@ -25,12 +27,13 @@ def strategies(value: str) -> tuple[str, ...]:
 
 DESCRIPTION = """\
 Benchmark one method and print one JSON object on stdout (logs go to stderr). The keys of each object are
-listed in the docstring of its module: kdexp/bench/kd1.py, kd2.py, kd3.py.
+listed in the docstring of its module: kdexp/bench/kd1.py, kd2.py, kd3.py, kd4.py.
 
   kd1  teacher-cache size, build and read throughput, cached-vs-full KD loss error, and step time and peak
        memory of B0, cached KD1 and online KD1; with --sweep, the wall time of a 12-run sweep, cached vs online.
   kd2  teacher generation throughput (prompts/s, tokens/s) and answer-cache size per decoding strategy.
   kd3  step time and peak memory of B0, KD1 (cached and online) and KD3, with ratios to KD3.
+  kd4  step time of KD4 (every step on-policy) vs a KD1-online step, generation tokens/s and generation share.
 
 Everything is measured on the path a user's command takes: step times on kdexp.main.run in this process, with the
 methods interleaved over rounds so machine load hits each alike (compare the ratios, not the seconds); peak memory
@@ -44,6 +47,8 @@ replaces that default. The defaults:
        method.unlabeled_samples=0
   kd3: {' '.join(KD3_OVERRIDES[:4])}
        {' '.join(KD3_OVERRIDES[4:])}
+  kd4: {' '.join(KD4_OVERRIDES[:5])}
+       {' '.join(KD4_OVERRIDES[5:])}
 Prepared teachers are reused from (and stored in) the configured cache_dir; teacher caches, teacher answers and the
 run registry are built fresh in a temporary directory.
 
@@ -56,16 +61,16 @@ Examples:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kdexp.bench", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["kd1", "kd2", "kd3"], help="which bench to run (see above)")
+    p.add_argument("what", choices=["kd1", "kd2", "kd3", "kd4"], help="which bench to run (see above)")
     p.add_argument("overrides", nargs="*", metavar="OVERRIDES",
                    help="Hydra overrides of the benchmarked config, for example experiment=smoke")
     p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="kd1, kd3: timed optimizer steps per method in each round (default: kd1 10, kd3 8); kd3 also "
-                        "trains this many steps in each peak-memory process")
+                   help="kd1, kd3, kd4: timed optimizer steps per method in each round (default: kd1 10, kd3 8, "
+                        "kd4 3); kd3 also trains this many steps in each peak-memory process")
     p.add_argument("--warmup", type=int, default=2, metavar="N",
-                   help="kd1, kd3: steps trained before timing starts in each run, at least 1 (default: 2)")
+                   help="kd1, kd3, kd4: steps trained before timing starts in each run, at least 1 (default: 2)")
     p.add_argument("--rounds", type=int, default=3, metavar="N",
-                   help="kd1, kd3: how many times each method is run, interleaved with the others (default: 3)")
+                   help="kd1, kd3, kd4: how many times each method is run, interleaved with the others (default: 3)")
     p.add_argument("--rss-steps", type=int, default=20, metavar="N",
                    help="kd1: optimizer steps each peak-memory process trains (default: 20)")
     p.add_argument("--sweep", action="store_true",
@@ -88,6 +93,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                          rss_steps=args.rss_steps, sweep=args.sweep, sweep_overrides=args.sweep_overrides)
     if args.what == "kd2":
         return bench_kd2(prompts=args.prompts, strategies=args.strategies, overrides=tuple(args.overrides))
+    if args.what == "kd4":
+        return bench_kd4(steps=steps, warmup=args.warmup, rounds=args.rounds, overrides=tuple(args.overrides))
     return bench_kd3(steps=steps, warmup=args.warmup, rounds=args.rounds, overrides=tuple(args.overrides))
 
 

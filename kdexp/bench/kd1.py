@@ -8,10 +8,17 @@ are shared with the configured cache_dir; everything else (teacher cache, answer
 Keys of the JSON object: ``vocab_size``, ``torch_threads``, ``teacher`` (prepared-teacher key), ``train_examples``;
 the cache's ``cache_bytes_per_token``, ``cache_tokens``, ``cache_build_tokens_per_s``, ``cache_read_tokens_per_s``,
 ``cache_top_k``, ``cache_compression``; ``kd_loss_abs_error`` and ``kd_loss_abs_error_imitating_student`` (per
-temperature, |cached − full| forward KL), ``teacher_top_k_mass``, ``loss_error_tokens``; ``step_s`` (median seconds
+temperature, |cached − full| forward KL), ``teacher_top_k_mass``, ``loss_error_tokens``; per cache mode (head_uniform,
+head_sampled, sampled at one id budget, ``method.top_k``), student ("untrained", "imitating") and T ("1", "2", "4"):
+``kd_loss_abs_error_by_mode`` (mean per-token |cached − full|), ``kd_loss_mean_error_by_mode`` (mean cached − mean
+full: the bias left after averaging over tokens) and ``kd_grad_cosine_by_mode`` (gradients w.r.t. the student's
+logits), with ``cache_mode_layouts`` (mode -> [top_k, samples]); ``cache_bytes_per_token_by_mode`` (mode -> K ("64",
+"128") -> stored bytes per token at that id budget); ``step_s`` (median seconds
 per optimizer step of b0, kd1_cached, kd1_online) with ``kd1_cached_over_b0_step`` and ``kd1_online_over_b0_step``;
 ``peak_rss_mb`` (per variant: ``before_train_mb``, ``train_peak_mb``, ``setup_peak_mb``, ``process_peak_mb``) with
-``peak_rss_kd1_over_b0`` and ``peak_rss_kd1_online_over_b0`` (ratios of train_peak_mb); with ``sweep``:
+``peak_rss_kd1_over_b0`` and ``peak_rss_kd1_online_over_b0`` (ratios of train_peak_mb); the whole real command's
+peak, B0 vs KD1 with a warm cache and a teacher >= 4x the student, ``peak_rss_kd1_run_over_b0_run`` and its
+``peak_rss_run_*`` details (kdexp/bench/memory.py); with ``sweep``:
 ``sweep_cached_s``, ``sweep_online_s``, ``sweep_online_over_cached``, ``sweep_overrides``; and ``load_average_1m``,
 ``self_cpu_s`` to judge how loaded the machine was.
 """
@@ -29,9 +36,16 @@ import torch
 
 from kdexp import main
 from kdexp.bench.common import RUN_FLAGS, config, context, isolated, merged, peak_rss, time_methods, with_method
+from kdexp.bench.memory import bench_run_memory
+from kdexp.core.cache_fidelity import (
+    MODES,
+    bytes_per_token_by_mode,
+    cached_forward_kl_error_report,
+    mode_layout,
+    sparse_target_report,
+)
 from kdexp.core.models import answer_logits, collate
 from kdexp.core.runner import build_student
-from kdexp.core.teacher_cache import cached_forward_kl_error_report
 from kdexp.methods.kd1 import cached_collator, ensure_cache, kd_features
 
 BENCH_OVERRIDES = ["method=kd1", "hardware.torch_threads=2"]
@@ -77,7 +91,28 @@ def loss_error(ctx, feats, n: int = 512) -> dict:
         "teacher_top_k_mass": {f"{t:g}": float(torch.softmax(teacher / t, -1).topk(top_k).values.sum(-1).mean())
                                for t in (1, 2, 4)},
         "loss_error_tokens": int(mask.sum()),
+        **mode_figures(ctx.cfg.method, teacher, {"untrained": student, "imitating": imitating}),
     }
+
+
+def mode_figures(m, teacher, students: dict) -> dict:
+    """The cache modes compared at one id budget (``method.top_k`` ids per token) on the same teacher logits, with
+    the run's sampling knobs; then stored bytes per token at 64 and 128 ids."""
+    layouts = {mode: mode_layout(mode, m.top_k) for mode in MODES}
+    keys = {"abs_error": "kd_loss_abs_error_by_mode", "mean_error": "kd_loss_mean_error_by_mode",
+            "grad_cosine": "kd_grad_cosine_by_mode"}
+    by_mode = {key: {} for key in keys.values()}
+    for mode, (top_k, samples) in layouts.items():
+        for name, student in students.items():
+            report = sparse_target_report(teacher, student, top_k=top_k, samples=samples, seed=m.cache_seed,
+                                          sample_temperature=m.cache_sample_temperature)
+            for figure, key in keys.items():
+                by_mode[key].setdefault(mode, {})[name] = {t: figures[figure] for t, figures in report.items()}
+    compression = None if m.cache_compression == "none" else m.cache_compression
+    sizes = bytes_per_token_by_mode(teacher, compression=compression, sample_temperature=m.cache_sample_temperature,
+                                    seed=m.cache_seed)
+    return {**by_mode, "cache_mode_layouts": {mode: list(lay) for mode, lay in layouts.items()},
+            "cache_bytes_per_token_by_mode": sizes}
 
 
 def cache_and_loss(overrides: list[str], work: Path) -> dict:
@@ -122,6 +157,7 @@ def bench_kd1(overrides=(), *, steps: int = 10, warmup: int = 2, rounds: int = 3
         b0_peak = rss["b0"]["train_peak_mb"]
         result.update({"peak_rss_mb": rss, "peak_rss_kd1_over_b0": rss["kd1_cached"]["train_peak_mb"] / b0_peak,
                        "peak_rss_kd1_online_over_b0": rss["kd1_online"]["train_peak_mb"] / b0_peak})
+        result.update(bench_run_memory(overrides, work))  # the real commands' peaks (kdexp/bench/memory.py)
         if sweep:
             result.update(sweep_ratio([*overrides, *sweep_overrides], work))
     result["load_average_1m"] = os.getloadavg()[0]

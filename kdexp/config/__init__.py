@@ -6,6 +6,7 @@ pyproject.toml).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -21,3 +22,12 @@ BOOKKEEPING_KEYS = ("output_dir", "force", "cache_dir", "logger")
 
 def register_base() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def default_cache_dir() -> Path:
+    """Where ``cache_dir`` points unless a run sets it: ``$KDEXP_CACHE_DIR``, else ``$XDG_CACHE_HOME/kdexp``, else
+    ``~/.cache/kdexp`` — one cache per user, as pip and the HF hub keep theirs (conf/config.yaml says the same)."""
+    if os.environ.get("KDEXP_CACHE_DIR"):
+        return Path(os.environ["KDEXP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.environ.get("HOME", "."), ".cache")
+    return Path(base) / "kdexp"

@@ -123,6 +123,9 @@ class TaskConfig:
     unlabeled_samples: int = 0
     # How many train examples a tiny teacher is prepared on (teacher.prepare.max_train_samples); null = all.
     teacher_train_samples: int | None = None
+    # Extra trivial baselines (kdexp/core/baselines.py): baseline name -> the row field predicted verbatim, e.g.
+    # squad_qg's {answer_sentence: sentence} (the answer's sentence as the question).
+    baseline_fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -217,7 +220,7 @@ class Config:
     seed: int = 42
     force: bool = False
     # Where content-addressed artefacts (prepared teachers, caches, run registry) live; shared across runs.
-    cache_dir: str = ".kdexp_cache"
+    cache_dir: str = "~/.cache/kdexp"  # conf/config.yaml resolves $KDEXP_CACHE_DIR / $XDG_CACHE_HOME first
     eval_teacher: bool = True
     save_student: bool = True
     num_samples: int = 8

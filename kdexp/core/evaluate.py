@@ -120,13 +120,17 @@ def generate(model, tokenizer, examples: list[Example], task_cfg, batch_size: in
 
 @contextmanager
 def peak_memory(device: str):
-    """Peak memory while the block runs: CUDA max allocated on GPU, sampled process RSS on CPU (MB)."""
+    """Peak memory while the block runs: CUDA max allocated on GPU, sampled process RSS on CPU (MB). On GPU also
+    ``activation_memory_mb``: the peak allocated above what was allocated on entry (the weights already there), i.e.
+    activations and temporaries of the block. The CPU has no allocator statistics to measure that cleanly."""
     result = {}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         yield result
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["peak_memory_kind"] = "cuda_max_allocated"
+        result["activation_memory_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         return
     proc, stop, peak = psutil.Process(), threading.Event(), [psutil.Process().memory_info().rss]
 
@@ -150,6 +154,7 @@ def evaluate_model(model, tokenizer, examples: list[Example], task_cfg, hw_cfg, 
     model.eval()
     bs = hw_cfg.eval_batch_size
     metric = task_metric(task_cfg.metric)  # before the slow part: a typo'd name fails at once
+    load_before = os.getloadavg()[0]
     with peak_memory(hw_cfg.device) as mem:
         start = time.perf_counter()
         if task_cfg.label_words:
@@ -165,8 +170,35 @@ def evaluate_model(model, tokenizer, examples: list[Example], task_cfg, hw_cfg, 
         raise ValueError(f"task.main_metric={task_cfg.main_metric!r} is none of {sorted(metrics)} "
                          f"(task.metric={task_cfg.metric!r})")
     speed = {"latency_ms_per_example": 1000 * seconds / len(examples),
-             "throughput_examples_per_s": len(examples) / seconds, "eval_batch_size": bs, **mem}
+             "throughput_examples_per_s": len(examples) / seconds, "eval_batch_size": bs, **mem,
+             **machine_load(load_before)}
     return metrics, predictions, speed
+
+
+def machine_load(load_before: float) -> dict:
+    """The machine's load beside a timing: latency and throughput depend on what else runs. ``load_avg_1m`` is the
+    larger 1-minute load average of the start and the end of the timed block (this process's own threads count)."""
+    load_1m, load_5m, _ = os.getloadavg()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"load_avg_1m": round(max(load_before, load_1m), 2), "load_avg_5m": round(load_5m, 2),
+            "cores_available": cores}
+
+
+def timing_noisy(entry: dict) -> bool:
+    """A timing is noisy when the 1-minute load average exceeded the cores the process could use: then threads
+    waited for a core and latency measures the queue as much as the model. Entries without a load say nothing."""
+    load, cores = entry.get("load_avg_1m"), entry.get("cores_available") or entry.get("cpu_count")
+    return load is not None and cores is not None and load > cores
+
+
+def model_memory_mb(model) -> float:
+    """The model's own weights in memory: parameter and buffer bytes (shared tensors once), in MB."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 2**20
 
 
 def model_efficiency(model, saved_dir: Path | None) -> dict:
@@ -176,4 +208,5 @@ def model_efficiency(model, saved_dir: Path | None) -> dict:
         disk = sum(f.stat().st_size for f in Path(saved_dir).iterdir()
                    if f.is_file() and f.suffix in (".safetensors", ".bin")) / 2**20
     return {"total_params": total, "trainable_params": trainable, "disk_mb": disk,
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+            "model_memory_mb": model_memory_mb(model), "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count()}

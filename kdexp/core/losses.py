@@ -150,6 +150,45 @@ def generalized_jsd(
     return _divergence(token_fn, student_logits, teacher_logits, temperature, mask, reduction, chunk_size)
 
 
+def _skew_tokens(student_logp, teacher_logp, skew_alpha, reverse):
+    # p is the distribution the KL is taken from (teacher for skew KL, student for skew reverse KL), q the other.
+    p, q = (student_logp, teacher_logp) if reverse else (teacher_logp, student_logp)
+    if skew_alpha == 0:  # the mixture is q itself: exactly the plain KL, without log(0) terms
+        mixture_logp = q
+    elif skew_alpha == 1:  # the mixture is p itself: exactly 0
+        mixture_logp = p
+    else:
+        mixture_logp = torch.logaddexp(p + math.log(skew_alpha), q + math.log(1 - skew_alpha))
+    return F.kl_div(mixture_logp, p, reduction="none", log_target=True).sum(-1)
+
+
+def _skew(reverse, student_logits, teacher_logits, skew_alpha, temperature, mask, reduction, chunk_size):
+    if not 0.0 <= skew_alpha <= 1.0:
+        raise ValueError(f"skew_alpha must be in [0, 1], got {skew_alpha}")
+    token_fn = partial(_skew_tokens, skew_alpha=float(skew_alpha), reverse=reverse)
+    return _divergence(token_fn, student_logits, teacher_logits, temperature, mask, reduction, chunk_size)
+
+
+def skew_kl(student_logits, teacher_logits, *, skew_alpha=0.1, temperature=1.0, mask=None, reduction="mean",
+            chunk_size=None):
+    """Skew KL (DistiLLM, Ko et al. 2024): ``KL(p_T ‖ α·p_T + (1 − α)·p_S)`` per token, forward direction.
+
+    ``α = skew_alpha``: 0 is exactly forward ``KL(p_T‖p_S)``, 1 is exactly 0. Mixing the teacher into the
+    student side bounds the log-ratio by ``−log α``, so a student that puts ~0 mass on a teacher token cannot blow
+    the loss (and its gradient) up. The gradient flows through ``p_S`` inside the mixture.
+    """
+    return _skew(False, student_logits, teacher_logits, skew_alpha, temperature, mask, reduction, chunk_size)
+
+
+def skew_reverse_kl(student_logits, teacher_logits, *, skew_alpha=0.1, temperature=1.0, mask=None, reduction="mean",
+                    chunk_size=None):
+    """Skew reverse KL (DistiLLM): ``KL(p_S ‖ α·p_S + (1 − α)·p_T)`` per token, mode-seeking direction.
+
+    ``α = skew_alpha``: 0 is exactly reverse ``KL(p_S‖p_T)``, 1 is exactly 0.
+    """
+    return _skew(True, student_logits, teacher_logits, skew_alpha, temperature, mask, reduction, chunk_size)
+
+
 def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", chunk_size=None):
     """Total variation distance ``½ Σ_v |p_T(v) − p_S(v)|`` per token, in [0, 1]."""
     return _divergence(_tvd_tokens, student_logits, teacher_logits, temperature, mask, reduction, chunk_size)
@@ -282,6 +321,8 @@ DIVERGENCES: dict[str, Callable] = {
     "tvd": tvd,
     "prob_mse": prob_mse,
     "prob_cosine": prob_cosine,
+    "skew_kl": skew_kl,  # skew_alpha=0.1 by default (DistiLLM's); KD4 sets it with method.skew_alpha
+    "skew_reverse_kl": skew_reverse_kl,
 }
 
 

@@ -1,4 +1,4 @@
-"""Task metrics: SQuAD v1.1 exact match / F1 and classification accuracy.
+"""Task metrics: SQuAD v1.1 exact match / F1, classification accuracy, ROUGE-L / BLEU-4 for generation.
 
 The SQuAD functions reproduce the official ``evaluate-v1.1.py`` script exactly, so numbers reported
 here are comparable with published SQuAD v1.1 results.
@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from kdexp.core.tasks import Example
 
-__all__ = ["METRICS", "accuracy", "exact_match_score", "f1_score", "normalize_answer", "squad_scores",
+__all__ = ["METRICS", "accuracy", "exact_match_score", "f1_score", "normalize_answer", "qg_scores", "squad_scores",
            "task_metric"]
 
 _PUNCTUATION = frozenset(string.punctuation)
@@ -113,14 +113,39 @@ def _squad_scores(predictions: Sequence[str], examples: Sequence[Example]) -> di
                         {ex.id: ex.answers for ex in examples})
 
 
+def qg_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """ROUGE-L F1 (``rouge-score``, Porter stemming, best over the references, averaged) and corpus BLEU-4
+    (``sacrebleu`` defaults: 13a tokenisation, "exp" smoothing), both on a 0-100 scale."""
+    # Imported here: rouge-score pulls in nltk and scipy.stats (~3 s), and only generation tasks score with it.
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references) or not references:
+        raise ValueError(f"qg_scores: {len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = sum(max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
+                for pred, refs in zip(predictions, references, strict=True))
+    # sacrebleu takes one stream per reference position; repeating an example's first reference changes nothing.
+    width = max(len(refs) for refs in references)
+    streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
+    bleu = sacrebleu.corpus_bleu(list(predictions), streams).score
+    return {"rouge_l": 100.0 * rouge / len(references), "bleu": bleu}
+
+
+def _qg_scores(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+    return qg_scores(predictions, [ex.answers for ex in examples])
+
+
 METRICS: dict[str, Callable[[Sequence[str], Sequence[Example]], dict[str, float]]] = {
     "accuracy": _accuracy_scores,  # -> accuracy in [0, 1]
     "squad": _squad_scores,  # -> exact_match, f1 on a 0-100 scale
+    "qg": _qg_scores,  # -> rouge_l, bleu (BLEU-4) on a 0-100 scale
 }
 
 
 # The scores each metric returns: what ``task.main_metric`` may name (checked before any model loads).
-METRIC_KEYS: dict[str, tuple[str, ...]] = {"accuracy": ("accuracy",), "squad": ("exact_match", "f1")}
+METRIC_KEYS: dict[str, tuple[str, ...]] = {"accuracy": ("accuracy",), "squad": ("exact_match", "f1"),
+                                           "qg": ("rouge_l", "bleu")}
 
 
 def task_metric(name: str) -> Callable[[Sequence[str], Sequence[Example]], dict[str, float]]:

@@ -20,6 +20,7 @@ import gzip
 import io
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -70,8 +71,29 @@ def load_squad() -> Rows:
     return [r for r in rows if r["title"] in train_titles], [r for r in rows if r["title"] not in train_titles]
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _qg_row(row: dict) -> dict:
+    """The sentence(s) of the context that hold the first answer, the answer, and the question to generate."""
+    context, answer, start = row["context"], row["answers"]["text"][0], row["answers"]["answer_start"][0]
+    # A plain end-punctuation split: an abbreviation ("U.S. Army") may cut a sentence, but the span always
+    # covers every sentence the answer touches, so the answer is always inside it.
+    bounds = [0] + [m.end() for m in _SENTENCE_END.finditer(context)] + [len(context)]
+    first = max(b for b in bounds[:-1] if b <= start)
+    last = min(b for b in bounds[1:] if b >= start + len(answer))
+    return {"id": row["id"], "title": row["title"], "sentence": context[first:last].strip(), "answer": answer,
+            "question": row["question"].strip()}
+
+
+def load_squad_qg() -> Rows:
+    """Answer-aware question generation on the embedded SQuAD split: (answer sentence(s), answer) -> question."""
+    pool, evaluation = load_squad()
+    return [_qg_row(r) for r in pool], [_qg_row(r) for r in evaluation]
+
+
 # task.loader -> the embedded copy of a task's data. A new task with embedded data adds one function and one line.
-LOADERS: dict[str, Callable[[], Rows]] = {"sst2": load_sst2, "squad": load_squad}
+LOADERS: dict[str, Callable[[], Rows]] = {"sst2": load_sst2, "squad": load_squad, "squad_qg": load_squad_qg}
 
 
 def load_raw(task_cfg) -> Rows:

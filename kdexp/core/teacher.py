@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
+from transformers import TrainerCallback
 
 from kdexp.config import CONF_DIR
 from kdexp.config.schema import TeacherConfig
@@ -130,6 +132,24 @@ def _verified(folder: Path) -> bool:
     return reason is None
 
 
+class PreparationEta(TrainerCallback):
+    """One log line with the time left, once the first steps have measured the pace (a first run takes minutes)."""
+
+    def __init__(self, after_s: float = 10.0):
+        self.after_s, self.start, self.said = after_s, None, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.start = self.start or now  # from the end of step 1: the first step pays for warm-up
+        if self.said or now - self.start < self.after_s or state.global_step < 2:
+            return
+        self.said = True
+        left = (now - self.start) / (state.global_step - 1) * (state.max_steps - state.global_step)
+        log.info("teacher: preparation needs about %.0f more minutes (%d/%d steps; once — later runs reuse it). "
+                 "A seconds-long check meanwhile: python -m kdexp experiment=smoke", math.ceil(left / 60),
+                 state.global_step, state.max_steps)
+
+
 def _train_teacher(cfg, tokenizer, data: TaskData, tmp: Path) -> None:
     p = cfg.teacher.prepare
     examples = data.train if p.max_train_samples is None else data.train[: p.max_train_samples]
@@ -140,7 +160,8 @@ def _train_teacher(cfg, tokenizer, data: TaskData, tmp: Path) -> None:
                                   "weight_decay": p.weight_decay, "warmup_ratio": p.warmup_ratio})
     args = training_args(cfg, tmp / "trainer", train_cfg=train_cfg, seed=p.seed, logging_steps=50)
     start = time.perf_counter()
-    history = train_model(model, encode(examples, tokenizer, cfg.task), args, tokenizer.pad_token_id)
+    history = train_model(model, encode(examples, tokenizer, cfg.task), args, tokenizer.pad_token_id,
+                          callbacks=[PreparationEta()])
     seconds = time.perf_counter() - start
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -39,7 +39,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="directories searched for runs (default: outputs/ and multirun/ here)")
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="cache dir whose run registry adds runs (default: $KDEXP_CACHE_DIR or .kdexp_cache)")
+                        help="cache dir whose run registry adds runs (default: the runs' default, $KDEXP_CACHE_DIR, "
+                             "else $XDG_CACHE_HOME/kdexp, else ~/.cache/kdexp)")
     parser.add_argument("--no-registry", action="store_true", help="do not list the run registry's runs")
     return parser.parse_args(argv)
 

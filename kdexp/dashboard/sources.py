@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdexp.config import default_cache_dir
+
 
 @dataclass(frozen=True)
 class Sources:
@@ -19,7 +21,7 @@ class Sources:
 
 def default_sources(cwd: Path | None = None) -> Sources:
     cwd = Path(cwd or Path.cwd())
-    return Sources((cwd / "outputs", cwd / "multirun"), Path(os.environ.get("KDEXP_CACHE_DIR", cwd / ".kdexp_cache")))
+    return Sources((cwd / "outputs", cwd / "multirun"), default_cache_dir())
 
 
 # How the launcher tells the Streamlit script (and a test harness tells the app) where to look.

@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,25 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("kdexp.per_task", _per_task, replace=True)
     # ${kdexp.direction:${task.main_metric}}: the Optuna direction follows the task's main metric.
     OmegaConf.register_new_resolver("kdexp.direction", _direction, replace=True)
+    # ${kdexp.job_dir:${hydra.job.num},${hydra.job.override_dirname}}: a multirun job folder named by its overrides.
+    OmegaConf.register_new_resolver("kdexp.job_dir", job_dir, replace=True)
+
+
+JOB_DIR_MAX = 64
+
+
+def job_dir(num: Any, overrides: Any) -> str:
+    """``3_method=kd1,seed=2``: the job number (unique, sorts like Hydra's) and its overrides, filesystem-safe.
+
+    Characters other than letters, digits and ``.,=+-_`` become ``_`` (a path value's ``/`` would nest folders); a name
+    over ``JOB_DIR_MAX`` characters keeps its start and a hash of the whole, so two long names never collide.
+    """
+    safe = re.sub(r"[^A-Za-z0-9.,=+\-_]", "_", str(overrides or ""))
+    name = f"{num}_{safe}" if safe else str(num)
+    if len(name) > JOB_DIR_MAX:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{name[:JOB_DIR_MAX - 9]}~{digest}"
+    return name
 
 
 def _per_task(task: str, table: Any) -> Any:
@@ -146,13 +167,26 @@ def resume_optuna(config: DictConfig) -> None:
             # A sampler reseeded identically would propose the first trials' parameters again.
             sweeper.sampler.seed = sweeper.sampler.seed + finished
         # Job numbers restart at 0 in each invocation: new subdirs keep the earlier trials' results in place.
-        config.hydra.overrides.hydra.append(f"hydra.sweep.subdir=resume{finished}_${{hydra.job.num}}")
+        config.hydra.overrides.hydra.append(
+            f"hydra.sweep.subdir='resume{finished}_${{kdexp.job_dir:${{hydra.job.num}},${{hydra.job.override_dirname}}}}'")
+
+
+def name_jobs_by_swept_keys(config: DictConfig) -> None:
+    """Job folders carry only what varies between jobs (``3_method=kd1,seed=2``): the overrides every job shares
+    (``experiment=smoke``) are left out of ``hydra.job.override_dirname``, which ``hydra.sweep.subdir`` uses."""
+    fixed, _ = sweep_overrides(config)
+    keys = sorted({o.get_key_element() for o in OverridesParser.create().parse_overrides(fixed)})
+    if keys:
+        quoted = ",".join("'" + k.replace("'", "\\'") + "'" for k in keys)
+        config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{quoted}]")
 
 
 class SweepGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             share_method_knobs(config)
+            with read_write(config.hydra):
+                name_jobs_by_swept_keys(config)
             checks = check_sweep(config)
             resume_optuna(config)
         except ValueError as err:

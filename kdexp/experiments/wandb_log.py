@@ -65,5 +65,8 @@ def finish(run, results: dict) -> None:
         summary.update({f"{prefix}/{k}": v for k, v in (results.get(key) or {}).items()})
     for role, eff in (results.get("efficiency") or {}).items():
         summary.update({f"efficiency/{role}/{k}": v for k, v in eff.items() if isinstance(v, int | float)})
+    # Teacher top-k/tail mass at the run's T, student-teacher agreement, student ECE (kdexp/core/diagnostics.py).
+    summary.update({f"diagnostics/{k}": v for k, v in (results.get("diagnostics") or {}).items()
+                    if isinstance(v, int | float)})
     run.summary.update(summary)
     run.finish()

@@ -24,11 +24,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import open_dict
 
 from kdexp.config import register_base
+from kdexp.config.known_keys import check_known_keys
 from kdexp.core.checks import check_shared
-from kdexp.methods import b0, eval_only, kd1, kd2, kd3
+from kdexp.methods import b0, eval_only, kd1, kd2, kd3, kd4
 
 log = logging.getLogger(__name__)
-METHODS: dict[str, ModuleType] = {m.NAME: m for m in (b0, kd1, kd2, kd3, eval_only)}
+METHODS: dict[str, ModuleType] = {m.NAME: m for m in (b0, kd1, kd2, kd3, kd4, eval_only)}
 
 
 def get(name: str) -> ModuleType:
@@ -73,7 +74,8 @@ def prepare(cfg) -> None:
 
 
 def validate(cfg) -> None:
-    """Every pre-flight check of a composed config: shared groups, then the method's own knobs."""
+    """Every pre-flight check of a composed config: no unknown keys, shared groups, then the method's own knobs."""
+    check_known_keys(cfg)
     module = get(cfg.method.name)
     prepare(cfg)
     check_shared(cfg, trains_student=module.TRAINS_STUDENT, loss_weights=module.LOSS_WEIGHTS)

@@ -7,7 +7,8 @@ Loss per accumulated optimizer step (docs/losses.md), assembled by :func:`kdexp.
 N_ce counts gold answer tokens, N_kd counts every answer slot (unlabelled transfer-set examples have a KD signal but
 no gold), both over the whole accumulated batch, so gradient accumulation matches one large batch. With alpha = 0
 the KD term is never computed and the loss is bitwise the B0 loss. The default divergence is forward KL, the
-mass-covering direction KL(p_T ‖ p_S); ``divergence`` picks any from the loss library.
+mass-covering direction KL(p_T ‖ p_S); ``divergence`` picks any from the loss library, or ``uld`` for a teacher and
+student with different tokenizers (kdexp/methods/kd1_xtok.py, docs/cross_tokenizer.md).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import torch
 from omegaconf import II
 
 from kdexp.config.checks import choice, fail, finite, fraction, positive
+from kdexp.core.alignment import ALIGNMENTS
 from kdexp.core.answers import decoding_spec, teacher_answers
 from kdexp.core.artefacts import content_hash
+from kdexp.core.diagnostics import teacher_mass
 from kdexp.core.losses import (
     blend,
-    cached_forward_kl,
     check_divergence,
     forward_kl,
     masked_cross_entropy,
@@ -32,17 +34,18 @@ from kdexp.core.losses import (
 )
 from kdexp.core.models import Encoded, answer_logits, collate, encode
 from kdexp.core.runner import Context, build_student, finish, setup, student_args
+from kdexp.core.sparse_target import CACHE_MODES, cache_layout, cached_forward_kl_estimate
 from kdexp.core.stages import stage_losses
 from kdexp.core.teacher import teacher_identity
 from kdexp.core.teacher_cache import (
+    FORMAT_VERSION,
     collate_cache_rows,
     load_or_build_teacher_cache,
     open_teacher_cache,
-    shared_tail_logit,
-    tail_entropy_correction,
     teacher_logits_from_cache,
 )
 from kdexp.core.training import AnswerTrainer, train_model
+from kdexp.methods import kd1_xtok
 
 NAME = "kd1"
 NEEDS_SHARED_VOCAB = True
@@ -50,6 +53,8 @@ TRAINS_STUDENT = True
 BASELINE = False
 LOSS_WEIGHTS = ("alpha",)
 LABEL_KNOBS = {"temperature": "T", "alpha": "α"}
+ULD = "uld"  # method.divergence=uld: logit KD across tokenizers (kd1_xtok)
+ULD_HINT = "or method.divergence=uld for logit KD across tokenizers (docs/cross_tokenizer.md)"
 
 
 @dataclass
@@ -60,11 +65,24 @@ class Config:
     temperature: float = 2.0
     # forward_kl | reverse_kl | jsd | tvd | prob_mse | prob_cosine | package.module:function (docs/losses.md)
     divergence: str = "forward_kl"
+    # Teacher and student with different tokenizers: divergence=uld (docs/cross_tokenizer.md) pairs their answer tokens
+    # by `truncate` (position i with i, the ULD paper) or `offsets` (spans covering the same characters).
+    alignment: str = "truncate"
     # cached: the teacher's top-k logits are stored once (content-addressed HDF5) and read at any temperature, so a
     # T x alpha x seed sweep pays for the teacher once; online: the teacher runs every step.
     teacher_signal: str = "cached"
     top_k: int = 64
     cache_compression: str = "lzf"  # lzf | gzip | none
+    # What the cache keeps per answer token (docs/teacher_cache.md): head_uniform = exact top_k + a tail summary, tail
+    # spread uniformly (biased when the student's tail resembles the teacher's); head_sampled = exact top_k +
+    # cache_samples ids drawn from the rest (unbiased forward KL); sampled = cache_samples ids drawn from the whole
+    # distribution (Random-Sampling KD; top_k unused). Sampled modes need divergence=forward_kl.
+    cache_mode: str = "head_uniform"
+    cache_samples: int = 64
+    # Temperature of the distribution the ids are drawn from (the estimate is exactly normalised there) and the
+    # seed of the draws; both are in the cache key, so a cache is reproducible.
+    cache_sample_temperature: float = 2.0
+    cache_seed: int = 0
     # A prebuilt cache file; null = content-addressed under cache_dir/teacher_cache.
     cache_path: str | None = None
     # Divergence over chunks of this many answer tokens (bounds memory at large vocab); null = all at once.
@@ -82,7 +100,20 @@ def check(cfg) -> None:
     positive(cfg, ["method.unlabeled_samples"], strict=False)
     choice(cfg, "method.teacher_signal", ("cached", "online"))
     choice(cfg, "method.cache_compression", ("lzf", "gzip", "none"))
-    check_divergence(m.divergence)
+    choice(cfg, "method.cache_mode", CACHE_MODES)
+    finite(cfg, ["method.cache_sample_temperature"])
+    positive(cfg, ["method.cache_samples", "method.cache_sample_temperature"])
+    positive(cfg, ["method.cache_seed"], strict=False)
+    if m.cache_mode != "head_uniform" and m.teacher_signal == "cached" and m.divergence != "forward_kl":
+        fail("method.cache_mode", m.cache_mode, f"needs method.divergence=forward_kl, got {m.divergence} (a sampled "
+             "target is unbiased for forward KL only; use cache_mode=head_uniform)")
+    choice(cfg, "method.alignment", ALIGNMENTS)
+    if m.divergence == ULD:  # cross-tokenizer KD: kdexp/methods/kd1_xtok.py
+        if m.cache_path:
+            fail("method.cache_path", m.cache_path, "is not supported with method.divergence=uld (its cache is keyed "
+                 "by the teacher's own token ids; leave it null)")
+    else:
+        check_divergence(m.divergence)
     for key, value in stage_losses(cfg, "alpha"):
         if not 0 <= value <= 1:
             fail(key, value, "must be in [0, 1]")
@@ -124,13 +155,9 @@ class DistillationTrainer(AnswerTrainer):
     def kd_term(self, logits, inputs) -> torch.Tensor:
         """Σ over answer slots of D(p_T ‖ p_S); a cached forward KL never builds the (B, A, V) teacher tensor."""
         rows = cache_rows(inputs)
-        if rows and self.divergence is forward_kl:
-            tail = shared_tail_logit(rows, self.vocab_size, self.temperature)
-            kd = cached_forward_kl(logits, rows["topk_logits"], rows["topk_ids"], tail, temperature=self.temperature,
-                                   mask=inputs["answer_mask"], vocab_size=self.vocab_size)
-            # The uniform-tail reconstruction misstates the teacher's entropy, a student-independent constant:
-            # correct it so logged (and reported) KD values match the full-vocabulary loss.
-            return kd + (tail_entropy_correction(rows, self.temperature) * inputs["answer_mask"]).sum()
+        if rows and self.divergence is forward_kl:  # head + uniform tail, or the unbiased sampled estimate
+            return cached_forward_kl_estimate(logits, rows, vocab_size=self.vocab_size, temperature=self.temperature,
+                                              mask=inputs["answer_mask"])
         return self.divergence(logits, self.teacher_logits(inputs), temperature=self.temperature,
                                mask=inputs["answer_mask"], reduction="sum", chunk_size=self.chunk_size)
 
@@ -179,8 +206,11 @@ def ensure_cache(ctx, feats: list[Encoded]):
     cfg, m = ctx.cfg, ctx.cfg.method
     vocab = len(ctx.tokenizer)
     inputs = content_hash([f.prompt_ids + [-1] + f.answer_ids for f in feats])
+    top_k, samples = cache_layout(m.cache_mode, m.top_k, m.cache_samples)
     meta = {"teacher": teacher_identity(cfg), "inputs": inputs, "n_examples": len(feats),
-            "vocab_size": vocab, "top_k": m.top_k, "task": cfg.task.name, "format": 1}
+            "vocab_size": vocab, "top_k": top_k, "task": cfg.task.name, "format": FORMAT_VERSION}
+    if samples:  # sampling knobs only key sampled caches: head_uniform ones ignore them
+        meta |= {"samples": samples, "sample_temperature": m.cache_sample_temperature, "sample_seed": m.cache_seed}
     path = Path(m.cache_path) if m.cache_path else Path(cfg.cache_dir) / "teacher_cache" / f"{content_hash(meta)}.h5"
     if m.cache_path:
         cache = open_teacher_cache(path)
@@ -190,7 +220,8 @@ def ensure_cache(ctx, feats: list[Encoded]):
     start = time.perf_counter()
     cache = load_or_build_teacher_cache(
         path, lambda: teacher_rows(ctx.teacher, feats, ctx.tokenizer.pad_token_id, cfg.hardware.eval_batch_size),
-        n_examples=len(feats), vocab_size=vocab, top_k=m.top_k,
+        n_examples=len(feats), vocab_size=vocab, top_k=top_k, samples=samples,
+        sample_temperature=m.cache_sample_temperature, sample_seed=m.cache_seed,
         compression=None if m.cache_compression == "none" else m.cache_compression, meta=meta)
     ctx.timings["teacher_cache_s"] = time.perf_counter() - start
     ctx.extra["teacher_cache"] = {"path": str(path), "bytes": path.stat().st_size,
@@ -205,13 +236,19 @@ def check_top_k(top_k: int, vocab: int) -> None:
 
 def run(cfg, out_dir: Path, run_key: str) -> dict:
     m = cfg.method
+    if m.divergence == ULD:
+        return kd1_xtok.run(cfg, out_dir, run_key, teacher_rows=teacher_rows)
     divergence = resolve_divergence(m.divergence)  # a user's function is imported here, before any model loads
-    ctx = setup(cfg, out_dir, run_key, need_teacher=True, shared_vocab=NEEDS_SHARED_VOCAB,
+    ctx = setup(cfg, out_dir, run_key, need_teacher=True, shared_vocab=NEEDS_SHARED_VOCAB, vocab_hint=ULD_HINT,
                 unlabeled_samples=m.unlabeled_samples, check_tokenizer=lambda tok: check_top_k(m.top_k, len(tok)))
+    ctx.loss_weights = {"ce": 1 - m.alpha, "kd": m.alpha * m.temperature**2}
     vocab = len(ctx.tokenizer)
     feats = kd_features(ctx)
     cached = m.teacher_signal == "cached" and m.alpha > 0
-    collator = cached_collator(ensure_cache(ctx, feats), ctx.tokenizer.pad_token_id) if cached else None
+    cache = ensure_cache(ctx, feats) if cached else None
+    collator = cached_collator(cache, ctx.tokenizer.pad_token_id) if cached else None
+    if cached:  # what the sparse target keeps of the teacher at this T (results.json diagnostics)
+        ctx.diagnostics.update(teacher_mass(cache, m.temperature))
     student = build_student(ctx)
     start = time.perf_counter()
     history = train_model(student, feats, student_args(ctx), ctx.tokenizer.pad_token_id,

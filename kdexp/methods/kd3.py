@@ -63,8 +63,10 @@ class Config:
     feature_loss: str = "mse"  # mse | cosine
     # all: every non-pad prompt+answer token | answer: the positions that predict the answer
     feature_tokens: str = "all"
-    # none | layernorm: standardise each token vector (no learned scale) before comparing
-    feature_norm: str = "none"
+    # layernorm | none. layernorm standardises each token vector of both sides (no learned scale) first, so the term is
+    # ~2 at step 0 whatever the teacher's activation scale; raw MSE on the default pair was 32 at step 0 (vs CE 10.8,
+    # T²·KL 11.9) and collapsed every run to the majority class (docs/methods.md, KD3 defaults).
+    feature_norm: str = "layernorm"
     unlabeled_samples: int = II("task.unlabeled_samples")
 
 
@@ -319,6 +321,7 @@ def run(cfg, out_dir: Path, run_key: str) -> dict:
     pairs = resolve_layer_map(m.layer_map, model_depth(cfg.student), model_depth(cfg.teacher), m.include_embeddings)
     ctx = setup(cfg, out_dir, run_key, need_teacher=True, shared_vocab=NEEDS_SHARED_VOCAB,
                 unlabeled_samples=m.unlabeled_samples)
+    ctx.loss_weights = {"ce": m.w_ce, "kd": m.w_kl * m.temperature**2, "feat": m.w_feat}
     feats = kd_features(ctx)
     student = build_student(ctx)
     s_dim, t_dim = student.config.hidden_size, ctx.teacher.config.hidden_size
