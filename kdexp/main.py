@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import hydra
+import psutil
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +30,11 @@ from kdexp.experiments.preflight import check_environment, hydra_error_line
 
 log = logging.getLogger("kdexp")
 register()
+# When this module finished importing (python, torch, transformers, hydra, kdexp): results.json timings_s.imports_s.
+_IMPORTED_AT = time.time()
+# The CLI's first run reports the process's own start-up (imports, Hydra's compose) in its timings; later jobs of a
+# --multirun process and in-process callers (tests, benches) have none of their own to report.
+_startup = {"pending": False}
 
 
 def base_results(cfg, key: str) -> dict:
@@ -74,8 +80,20 @@ def _skip(cfg, key: str, done: dict) -> float:
     return done["main_metric"]["validation_value"]
 
 
+def startup_timings(entered: float) -> dict:
+    """``imports_s`` (process start → kdexp.main imported) and ``startup_s`` (process start → run() entered: the
+    imports plus Hydra's parsing and compose), for the CLI's first run only; the process start is the kernel's."""
+    if not _startup["pending"]:
+        return {}
+    _startup["pending"] = False
+    created = psutil.Process().create_time()
+    return {"imports_s": _IMPORTED_AT - created, "startup_s": entered - created}
+
+
 def run(cfg: DictConfig) -> float:
     """Run one experiment from a composed config (also callable from tests without Hydra's CLI)."""
+    entered, start = time.time(), time.perf_counter()
+    startup = startup_timings(entered)
     try:
         methods.validate(cfg)
         distributed.setup_launch(cfg)
@@ -96,7 +114,7 @@ def run(cfg: DictConfig) -> float:
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _execute(cfg, key)
+        return _execute(cfg, key, {**startup, "preflight_s": time.perf_counter() - start})
     finally:  # run() is also called in-process (tests, benches): leave the caller's thread count as it was
         torch.set_num_threads(previous)
 
@@ -122,8 +140,9 @@ def _drop_empty_dirs(out_dir: Path) -> None:
             path.rmdir()
 
 
-def _execute(cfg: DictConfig, key: str) -> float:
-    """Train, evaluate, check and record one run whose config passed the pre-flight."""
+def _execute(cfg: DictConfig, key: str, timings: dict | None = None) -> float:
+    """Train, evaluate, check and record one run whose config passed the pre-flight; ``timings`` (seconds before
+    it) join the method's in results.json ``timings_s``."""
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +165,7 @@ def _execute(cfg: DictConfig, key: str) -> float:
         sys.exit(f"kdexp: error: the run produced non-finite values ({', '.join(bad[:5])}"
                  f"{', ...' if len(bad) > 5 else ''}); not recorded as complete")
     results["wall_time_s"] = round(time.perf_counter() - start, 2)
+    results["timings_s"] = {**{k: round(v, 2) for k, v in (timings or {}).items()}, **results.get("timings_s", {})}
     results["status"] = "complete"
     atomic_write_json(out_dir / "results.json", results)
     registry.record(cfg, key, out_dir / "results.json")
@@ -173,6 +193,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def cli() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _startup["pending"] = True
     problem = hydra_error_line(sys.argv[1:])
     try:
         _hydra_main()

@@ -223,6 +223,23 @@ def test_missing_file_is_built_quietly_then_reused(tmp_path, recwarn):
     assert _files(path.parent) == ["c.h5"]  # no temp file left behind
 
 
+
+def test_sampling_knobs_do_not_rebuild_a_cache_without_draws(tmp_path, recwarn):
+    # head_uniform stores no draws: a sweep over cache_seed / cache_sample_temperature must reuse its one file.
+    path, calls = tmp_path / "c.h5", []
+    rows = example_rows(4, 100)
+
+    def make_rows():
+        calls.append(1)
+        return shuffled(rows)
+
+    kw = {"n_examples": 4, "vocab_size": 100, "top_k": 4, "compression": "lzf", "meta": {"a": 1}}
+    load_or_build_teacher_cache(path, make_rows, **kw, samples=0, sample_temperature=2.0, sample_seed=0)
+    load_or_build_teacher_cache(path, make_rows, **kw, samples=0, sample_temperature=1.0, sample_seed=7)
+    assert len(calls) == 1 and not recwarn.list
+    load_or_build_teacher_cache(path, make_rows, **kw, samples=3, sample_temperature=1.0, sample_seed=7)
+    assert len(calls) == 2  # with draws the knobs do change the stored numbers
+
 def test_truncated_file_is_invalid_and_rebuilt(tmp_path):
     rows = example_rows(40, 2000, max_tokens=8)
     path = build(tmp_path / "c.h5", rows, 2000)
@@ -283,9 +300,9 @@ def test_two_concurrent_builders_end_with_one_valid_file(tmp_path):
     procs = [ctx.Process(target=_race_builder, args=(path, barrier, queue)) for _ in range(2)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=60) for _ in procs]
+    results = [queue.get(timeout=300) for _ in procs]
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=300)
     expected = torch.topk(example_rows(30, 3000, seed=9, max_tokens=6)[7], 16).indices.tolist()
     assert results == [("ok", expected)] * 2
     assert _files(tmp_path) == ["c.h5"]

@@ -35,7 +35,8 @@ def _result(method: str, seed: int, value: float, params: dict | None = None, fl
             "main_metric": {"name": "accuracy", "value": value, "validation_value": value, "teacher_value": 0.82},
             "teacher_info": {"key": "teacher-1"}, "efficiency": eff, "flags": flags or [],
             "diagnostics": {"top1_agreement": 0.6, "top_k_overlap": 0.5, "student_ece": 0.05, **(
-                {"teacher_top_k_mass": 0.9, "temperature": params["temperature"]} if params else {})}}
+                {"teacher_top_k_mass": 0.9, "temperature": params["temperature"]} if params and "temperature" in params
+                else {})}}
 
 
 def _write(root: Path, results: list[dict]) -> Path:
@@ -124,7 +125,7 @@ def _sig_rows(out: Path) -> dict[str, dict]:
     lines = [ln for ln in (out / "significance.md").read_text().splitlines() if ln.startswith("| ")]
     head = [c.strip() for c in lines[0].strip("|").split(" | ")]
     rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split(" | ")), strict=True)) for ln in lines[1:]]
-    return {(r["family"], r["vs B0"]): r for r in rows}
+    return {(r["family"], r["method"]): r for r in rows}
 
 
 def test_significance_columns_have_one_format_and_say_when_n_is_too_small(tmp_path):
@@ -186,3 +187,19 @@ def test_timings_under_load_are_marked_noisy(tmp_path):
     assert "| 3.50 |" in bench
     calm = (_tables(_sweep(tmp_path / "calm", load=1.5), tmp_path / "rep2") / "benchmarks.md").read_text()
     assert "noisy" not in calm and "| 1.50 |" in calm
+
+
+def test_other_kd_methods_are_also_tested_against_kd1_paired_by_seed(tmp_path):
+    kd2 = {1: 0.75, 2: 0.76, 3: 0.70}
+    root = _sweep(tmp_path / "sweep")
+    _write(tmp_path / "sweep" / "kd2", [_result("kd2", s, v, {"gold_mix": 0.0}) for s, v in kd2.items()])
+    rows = _sig_rows(_tables(root, tmp_path / "rep"))
+    # KD1's selected row is T=1 (best validation); KD2 is compared with it in a family of its own, and with B0.
+    vs_kd1 = rows[("methods vs KD1", "kd2 gold_mix=0")]
+    c = compare(kd2, KD1_T1)
+    assert vs_kd1["reference"] == "kd1 T=1 α=0.5" and vs_kd1["n"] == "3"
+    assert float(vs_kd1["mean diff"]) == pytest.approx(c.mean_diff, abs=5e-5)
+    assert float(vs_kd1["t"]) == pytest.approx(c.t, abs=5e-3)
+    assert vs_kd1["p (Holm)"] == vs_kd1["p"]  # a family of one
+    assert rows[("methods vs B0", "kd2 gold_mix=0")]["reference"] == "b0"
+    assert not any(family == "methods vs KD1" and method.startswith("kd1") for family, method in rows)

@@ -56,7 +56,7 @@ def test_report_has_every_table_and_figure(sweep, tmp_path):
         assert (out / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
     page = (out / "index.html").read_text()
     assert all(f'src="figures/{name}.png"' in page for name in FIGURES)
-    assert page.count("<table>") >= 4 and "Significance vs B0" in page and "plain sweep" in page
+    assert page.count("<table>") >= 4 and "Significance vs B0 and KD1" in page and "plain sweep" in page
     report = (out / "report.md").read_text()
     # Grouped by task: each task is its own section, never one mixed table.
     assert "sst2 · tiny → tiny" in report and "squad · tiny → tiny" in report

@@ -207,7 +207,7 @@ def _label_column(ax, points: list[tuple[float, float, str]]) -> None:
 
 
 def kd_gain(ax, g: Group) -> None:
-    rows = significance_rows(g)
+    rows = [r for r in significance_rows(g) if r["family"].endswith(f"vs {BASELINE.upper()}")]
     if not rows:
         ax.text(0.5, 0.5, _no_comparison(g), ha="center", va="center", transform=ax.transAxes, fontsize=LABEL_PT)
         return

@@ -7,8 +7,9 @@ sizes: tasks are never mixed in one table), and writes to OUT (default ``<first 
 - ``main_results`` — method × setting: mean ± sd over seeds of the EVAL main metric, teacher row, retention %.
   Where a method has several variants (a grid), its row is the variant with the best mean VALIDATION score.
 - ``kd1_ablation`` — the KD1 temperature × alpha grid of eval means.
-- ``significance`` — each method and each KD1 grid cell vs B0, paired by seed (:func:`kdexp.analysis.stats.compare`),
-  Holm-adjusted within each family; ``benchmarks`` — size, latency, throughput and memory, teacher/student ratios.
+- ``significance`` — each method and each grid cell vs B0, the other KD methods vs KD1, paired by seed
+  (:func:`kdexp.analysis.stats.compare`), Holm-adjusted within each family; ``benchmarks`` — size, latency,
+  throughput and memory, teacher/student ratios.
 - ``figures/<name>.{png,pdf}`` and ``figures/300dpi/<name>.png`` with captions, ``report.md`` (every table and
   figure) and ``index.html`` (tables and figures, works offline).
 

@@ -1,4 +1,4 @@
-"""Tables of the report: aggregation over seeds, paired significance vs B0, and their Markdown cells.
+"""Tables of the report: aggregation over seeds, paired significance vs B0 (and vs KD1), and their Markdown cells.
 
 Every table is a list of row dicts carrying ``protocol`` and ``setting`` columns, so a CSV never mixes tasks without
 saying so, and the Markdown / HTML versions get one section per setting with its protocol note on top
@@ -21,6 +21,10 @@ from kdexp.methods import METHODS
 # What the report shows for each method comes from its module: the baseline every other method is tested against,
 # and the ablation grid over a method's two label knobs (KD1: temperature × alpha).
 BASELINE = next(name for name, module in METHODS.items() if module.BASELINE)
+# The method a newer KD method must beat to be worth its cost (logit KD): every other KD method is also tested
+# against it, paired by seed, in its own Holm family.
+KD_REFERENCE = next((name for name, module in METHODS.items() if getattr(module, "KD_REFERENCE", False)), None)
+REFERENCES = " and ".join(m.upper() for m in (BASELINE, KD_REFERENCE) if m)
 GRIDS = {name: tuple(module.LABEL_KNOBS.items()) for name, module in METHODS.items() if len(module.LABEL_KNOBS) == 2}
 
 EFFICIENCY = {"total_params": "params", "disk_mb": "disk MB", "latency_ms_per_example": "latency ms/ex",
@@ -30,7 +34,7 @@ EFFICIENCY = {"total_params": "params", "disk_mb": "disk MB", "latency_ms_per_ex
               "peak_memory_mb": "process peak memory MB"}
 TABLES = {
     "main_results": "Main results (eval split, mean ± sd over seeds)",
-    "significance": f"Significance vs {BASELINE.upper()} (paired by seed, eval split)",
+    "significance": f"Significance vs {REFERENCES} (paired by seed, eval split)",
     **{f"{m}_ablation": f"{m.upper()} ablation: {a} × {b} (eval split, mean ± sd)"
        for m, ((a, _), (b, _)) in GRIDS.items()},
     "benchmarks": "Benchmarks (means over runs)",
@@ -260,7 +264,8 @@ def _compare_rows(family: str, pairs: list[tuple[Variant, Variant]], include_fla
 
 
 def significance_rows(g: Group) -> list[dict]:
-    """Holm families per setting: the selected method rows vs the baseline, and each grid's cells vs the baseline."""
+    """Holm families per setting: the selected method rows vs the baseline, each grid's cells vs the baseline, and
+    the other KD methods' selected rows vs the KD reference (KD1) when the setting has it."""
     selected = g.selected()
     base = selected.get(BASELINE)
     if base is None:
@@ -270,6 +275,10 @@ def significance_rows(g: Group) -> list[dict]:
     for method in GRIDS:
         cells = [(v, base) for v in g.cells(method)] if len(g.cells(method)) > 1 else []
         rows += _compare_rows(f"{method.upper()} grid vs {BASELINE.upper()}", cells, g.include_flagged)
+    ref = selected.get(KD_REFERENCE)
+    if ref is not None:
+        others = [(v, ref) for m, v in selected.items() if m not in (BASELINE, KD_REFERENCE)]
+        rows += _compare_rows(f"methods vs {KD_REFERENCE.upper()}", others, g.include_flagged)
     return rows
 
 
@@ -319,7 +328,7 @@ def markdown(name: str, g: Group, rows: list[dict]) -> list[str]:
 
 def _significance_markdown(g: Group, rows: list[dict]) -> list[str]:
     d = metric_decimals(g)
-    rows = [{"family": r["family"], f"vs {BASELINE.upper()}": r["comparison"], "n": r["n"],
+    rows = [{"family": r["family"], "method": r["comparison"], "reference": r["baseline"], "n": r["n"],
              "mean diff": _fixed(r["mean_diff"], d),
              "95% CI": f"[{_fixed(r['ci_low'], d)}, {_fixed(r['ci_high'], d)}]",
              "t": _fixed(r["t"], 2), "p": _pvalue(r["p"]), "p (Holm)": _pvalue(r["p_holm"]),

@@ -18,14 +18,17 @@ per optimizer step of b0, kd1_cached, kd1_online) with ``kd1_cached_over_b0_step
 ``peak_rss_mb`` (per variant: ``before_train_mb``, ``train_peak_mb``, ``setup_peak_mb``, ``process_peak_mb``) with
 ``peak_rss_kd1_over_b0`` and ``peak_rss_kd1_online_over_b0`` (ratios of train_peak_mb); the whole real command's
 peak, B0 vs KD1 with a warm cache and a teacher >= 4x the student, ``peak_rss_kd1_run_over_b0_run`` and its
-``peak_rss_run_*`` details (kdexp/bench/memory.py); with ``sweep``:
-``sweep_cached_s``, ``sweep_online_s``, ``sweep_online_over_cached``, ``sweep_overrides``; and ``load_average_1m``,
-``self_cpu_s`` to judge how loaded the machine was.
+``peak_rss_run_*`` details (kdexp/bench/memory.py); the default B0 command's per-run fixed costs,
+``b0_fixed_overhead_frac`` and ``b0_fixed_overhead_incl_eval_frac`` with ``b0_overhead_*`` details
+(kdexp/bench/overhead.py); unless ``sweep`` is false, a 12-job ``python -m kdexp -m`` KD1 sweep per teacher signal
+with a teacher >= 4x the student: ``sweep_cached_s``, ``sweep_online_s``, ``sweep_online_over_cached``,
+``sweep_jobs``, ``sweep_phase_s``, ``sweep_params``, ``sweep_overrides`` (kdexp/bench/sweep.py); and
+``load_average_1m``, ``self_cpu_s`` to judge how loaded the machine was (``load_average_1m`` also before and after
+each of the overhead and sweep parts: ``load_average_1m_by_part``).
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import resource
 import tempfile
@@ -34,9 +37,10 @@ from pathlib import Path
 
 import torch
 
-from kdexp import main
-from kdexp.bench.common import RUN_FLAGS, config, context, isolated, merged, peak_rss, time_methods, with_method
+from kdexp.bench.common import config, context, isolated, merged, peak_rss, time_methods, with_method
 from kdexp.bench.memory import bench_run_memory
+from kdexp.bench.overhead import bench_overhead
+from kdexp.bench.sweep import GRID, bench_sweep
 from kdexp.core.cache_fidelity import (
     MODES,
     bytes_per_token_by_mode,
@@ -124,24 +128,17 @@ def cache_and_loss(overrides: list[str], work: Path) -> dict:
             **cache_figures(ctx, feats), **loss_error(ctx, feats)}
 
 
-def sweep_ratio(overrides: list[str], work: Path) -> dict:
-    """Wall time of a 12-run KD1 sweep (2 T × 2 alpha × 3 seeds) through ``kdexp.main.run``, cached vs online,
-    each from a cold cache; both start from the same prepared teacher (prepared before either is timed)."""
-    context(config(isolated(overrides, work / "sweep_setup"), work / "sweep_setup" / "out"))
-    timings = {}
-    for signal in ("cached", "online"):
-        base = isolated(overrides, work / f"sweep_{signal}")
-        start = time.perf_counter()
-        for t, a, seed in itertools.product((1, 2), (0.5, 0.9), (1, 2, 3)):
-            knobs = [f"method.teacher_signal={signal}", f"method.temperature={t}", f"method.alpha={a}", f"seed={seed}"]
-            main.run(config([*base, *knobs, *RUN_FLAGS], work / f"sweep_{signal}" / f"T{t}_a{a}_s{seed}"))
-        timings[signal] = time.perf_counter() - start
-    return {"sweep_cached_s": timings["cached"], "sweep_online_s": timings["online"],
-            "sweep_online_over_cached": timings["online"] / timings["cached"], "sweep_overrides": overrides}
+def with_load(part: str, loads: dict, figures) -> dict:
+    """Run ``figures()`` and note the 1-minute load average before and after it in ``loads[part]``."""
+    before = os.getloadavg()[0]
+    out = figures()
+    loads[part] = [round(before, 2), round(os.getloadavg()[0], 2)]
+    return out
 
 
 def bench_kd1(overrides=(), *, steps: int = 10, warmup: int = 2, rounds: int = 3, rss_steps: int = 20,
-              sweep: bool = False, sweep_overrides=tuple(SWEEP_OVERRIDES)) -> dict:
+              sweep: bool = True, sweep_overrides=tuple(SWEEP_OVERRIDES), sweep_grid=tuple(GRID),
+              overhead_rounds: int = 2) -> dict:
     """Every KD1 figure (see ``python -m kdexp.bench --help``); ``overrides`` replace or add to
     :data:`BENCH_OVERRIDES`."""
     overrides = merged(BENCH_OVERRIDES, overrides)
@@ -158,8 +155,12 @@ def bench_kd1(overrides=(), *, steps: int = 10, warmup: int = 2, rounds: int = 3
         result.update({"peak_rss_mb": rss, "peak_rss_kd1_over_b0": rss["kd1_cached"]["train_peak_mb"] / b0_peak,
                        "peak_rss_kd1_online_over_b0": rss["kd1_online"]["train_peak_mb"] / b0_peak})
         result.update(bench_run_memory(overrides, work))  # the real commands' peaks (kdexp/bench/memory.py)
+        loads: dict = {}
+        result.update(with_load("overhead", loads, lambda: bench_overhead(overrides, work, rounds=overhead_rounds)))
         if sweep:
-            result.update(sweep_ratio([*overrides, *sweep_overrides], work))
+            result.update(with_load("sweep", loads, lambda: bench_sweep(merged(overrides, sweep_overrides), work,
+                                                                        grid=list(sweep_grid))))
+        result["load_average_1m_by_part"] = loads
     result["load_average_1m"] = os.getloadavg()[0]
     result["self_cpu_s"] = resource.getrusage(resource.RUSAGE_SELF).ru_utime
     return result

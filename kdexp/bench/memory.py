@@ -32,21 +32,25 @@ from kdexp.bench.common import isolated, merged, with_method
 from kdexp.core.models import build_model, count_parameters, load_tokenizer
 from kdexp.experiments.compose import compose
 
-# A teacher ~4.9x the default student (16.0M vs 3.3M parameters, tied embeddings) and a small real run.
-MEMORY_OVERRIDES = ["teacher.prepare.enabled=false", "teacher.arch.hidden_size=256", "teacher.arch.num_heads=4",
-                    "teacher.arch.intermediate_size=1024", "task.max_train_samples=64", "task.unlabeled_samples=256",
+# A random-init teacher ~4.9x the default student (16.0M vs 3.3M parameters, tied embeddings); the sweep of the kd1
+# bench uses it too.
+WIDE_TEACHER = ["teacher.prepare.enabled=false", "teacher.arch.hidden_size=256", "teacher.arch.num_heads=4",
+                "teacher.arch.intermediate_size=1024"]
+# ... and a small real run.
+MEMORY_OVERRIDES = [*WIDE_TEACHER, "task.max_train_samples=64", "task.unlabeled_samples=256",
                     "task.max_eval_samples=128", "train.epochs=1"]
 GNU_TIME = "/usr/bin/time"
 _MARK = "kdexp-maxrss-kb"
 
 
-def _env() -> dict:
+def child_env() -> dict:
+    """A child's environment: one OpenMP/MKL/BLAS thread (torch threads come from the config), no progress bars."""
     pinned = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     return {**os.environ, **pinned, "TQDM_DISABLE": "1"}
 
 
 def _sampled_peak_kb(cmd: list[str]) -> tuple[int, subprocess.CompletedProcess]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     watched, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -63,7 +67,7 @@ def run_peak_mb(overrides: list[str], run_dir: Path) -> tuple[float, dict]:
     args = [*overrides, "force=true", f"hydra.run.dir={run_dir.resolve()}"]
     cmd = [sys.executable, "-m", "kdexp", *args]
     if shutil.which(GNU_TIME) or Path(GNU_TIME).exists():
-        proc = subprocess.run([GNU_TIME, "-f", f"{_MARK} %M", *cmd], capture_output=True, text=True, env=_env())
+        proc = subprocess.run([GNU_TIME, "-f", f"{_MARK} %M", *cmd], capture_output=True, text=True, env=child_env())
         marks = [line for line in proc.stderr.splitlines() if line.startswith(_MARK)]
         peak_kb = int(marks[-1].split()[1]) if marks else 0
     else:

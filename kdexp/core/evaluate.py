@@ -44,11 +44,52 @@ def answer_logprobs(model, tokenizer, examples: list[Example], task_cfg, batch_s
     return torch.cat(sums), torch.cat(counts)
 
 
+def label_word_ids(tokenizer, task_cfg) -> list[list[int]]:
+    """Each label word's answer ids as :func:`encode` forms them (leading space, EOS, truncation)."""
+    probe = Example(id="", prompt="", answers=[""])
+    return [encode([probe], tokenizer, task_cfg, targets=[w])[0].answer_ids for w in task_cfg.label_words]
+
+
+@torch.no_grad()
+def _single_token_scores(model, tokenizer, examples, task_cfg, batch_size, word_ids: list[int]) -> torch.Tensor:
+    """(N, W) log-probabilities of single-token label words from ONE teacher-forced pass: the logits that predict
+    the answer slot come from the prompt alone (causal attention masks the answer token out exactly), so the pass
+    that scores the first word holds every word's score, bit for bit what a pass per word computes."""
+    feats = encode(examples, tokenizer, task_cfg, targets=[task_cfg.label_words[0]] * len(examples))
+    device = next(model.parameters()).device
+    index = torch.tensor(word_ids)
+    scores = []
+    for chunk in _batches(feats, batch_size, "score"):
+        batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+        logits, _ = answer_logits(model, batch)
+        scores.append(torch.log_softmax(logits[:, 0].float(), dim=-1)[:, index.to(device)].cpu())
+    return torch.cat(scores)
+
+
+def label_scores(model, tokenizer, examples, task_cfg, batch_size) -> torch.Tensor:
+    """(N, W): each label word's log-probability (summed over its tokens) for each example."""
+    word_ids = label_word_ids(tokenizer, task_cfg)
+    if all(len(ids) == 1 for ids in word_ids):
+        return _single_token_scores(model, tokenizer, examples, task_cfg, batch_size, [ids[0] for ids in word_ids])
+    return torch.stack([answer_logprobs(model, tokenizer, examples, task_cfg, batch_size, targets=[w] * len(examples),
+                                        desc=f"score{w}")[0] for w in task_cfg.label_words], dim=-1)
+
+
 def classify(model, tokenizer, examples, task_cfg, batch_size) -> list[int]:
     """Predict the label word with the highest log-probability (summed over its tokens)."""
-    scores = [answer_logprobs(model, tokenizer, examples, task_cfg, batch_size, targets=[w] * len(examples),
-                              desc=f"score{w}")[0] for w in task_cfg.label_words]
-    return torch.stack(scores, dim=-1).argmax(-1).tolist()
+    return label_scores(model, tokenizer, examples, task_cfg, batch_size).argmax(-1).tolist()
+
+
+def gold_from_scores(scores: torch.Tensor, examples: list[Example], task_cfg, word_ids: list[list[int]]):
+    """The gold answers' (log-probability, token count) read off the label scores, or None when they are not there:
+    a gold answer that is no label word, or label words of different lengths (then a gold pass pads its batches
+    differently from the per-word passes, and the scores could differ in the last bits)."""
+    words = list(task_cfg.label_words)
+    if len({len(ids) for ids in word_ids}) != 1 or any(ex.label is None or ex.target != words[ex.label]
+                                                        for ex in examples):
+        return None
+    gold = scores[torch.arange(len(examples)), torch.tensor([ex.label for ex in examples], dtype=torch.long)]
+    return gold, torch.full((len(examples),), len(word_ids[0]), dtype=torch.long)
 
 
 # task.answer_extraction -> decoded text (already cut at the first stop string) -> the answer that is scored.
@@ -157,13 +198,18 @@ def evaluate_model(model, tokenizer, examples: list[Example], task_cfg, hw_cfg, 
     load_before = os.getloadavg()[0]
     with peak_memory(hw_cfg.device) as mem:
         start = time.perf_counter()
+        gold = None
         if task_cfg.label_words:
-            predictions = [task_cfg.label_words[i] for i in classify(model, tokenizer, examples, task_cfg, bs)]
+            scores = label_scores(model, tokenizer, examples, task_cfg, bs)
+            predictions = [task_cfg.label_words[i] for i in scores.argmax(-1).tolist()]
+            gold = gold_from_scores(scores, examples, task_cfg, label_word_ids(tokenizer, task_cfg))
         else:
             predictions = generate(model, tokenizer, examples, task_cfg, bs)
         metrics = metric(predictions, examples)
         seconds = time.perf_counter() - start
-    nll, count = answer_logprobs(model, tokenizer, examples, task_cfg, bs, desc=f"{role} ppl")
+    # Classification: the gold answer is a label word, already scored; a second teacher-forced pass would recompute
+    # the same numbers.
+    nll, count = gold or answer_logprobs(model, tokenizer, examples, task_cfg, bs, desc=f"{role} ppl")
     metrics["perplexity"] = math.exp(-nll.sum().item() / max(count.sum().item(), 1))
     metrics["n_eval"] = len(examples)
     if task_cfg.main_metric not in metrics:

@@ -22,6 +22,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from kdexp.core import features
 from kdexp.core.tasks import Example
 
 log = logging.getLogger(__name__)
@@ -127,14 +128,22 @@ def encode(examples: list[Example], tokenizer, task_cfg, targets: list[str] | No
     # The prompt ends right before the answer ("...Answer:"); the answer's BPE tokens must carry the separating
     # space, as generation produces them (" Denver", not "Denver").
     targets = [t if t[:1].isspace() else " " + t for t in targets]
-    prompts = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
-    answers = tokenizer(targets, add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if task_cfg.append_eos else []
-    out = []
-    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-        a = (a + eos)[: task_cfg.max_answer_tokens]
-        out.append(Encoded(prompt_ids=p[-task_cfg.max_prompt_tokens:], answer_ids=a, index=i, labelled=labelled))
-    return out
+
+    def tokenise() -> features.Rows:
+        prompts = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
+        answers = tokenizer(targets, add_special_tokens=False)["input_ids"]
+        eos = [tokenizer.eos_token_id] if task_cfg.append_eos else []
+        return [(p[-task_cfg.max_prompt_tokens:], (a + eos)[: task_cfg.max_answer_tokens])
+                for p, a in zip(prompts, answers, strict=True)]
+
+    if len(examples) < features.MIN_CACHED:
+        rows = tokenise()
+    else:  # content-addressed: sweep jobs and later processes reuse the ids (kdexp/core/features.py)
+        key = features.features_key(tokenizer, task_cfg, [(ex.id, ex.prompt) for ex in examples], targets)
+        rows = features.cached_rows(key, tokenise)
+    # Fresh lists per call: callers renumber ``index`` (kd1) and must not change a shared row.
+    return [Encoded(prompt_ids=list(p), answer_ids=list(a), index=i, labelled=labelled)
+            for i, (p, a) in enumerate(rows)]
 
 
 def collate(features: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kdexp.core import live
+from kdexp.core import features, live
 from kdexp.core.baselines import trivial_baselines
 from kdexp.core.degenerate import detect
 from kdexp.core.diagnostics import eval_diagnostics
@@ -92,15 +93,17 @@ def setup(cfg, out_dir: Path, run_key: str, *, need_teacher: bool, shared_vocab:
     before any data loads or any teacher is prepared), task data with ``unlabeled_samples`` transfer-set prompts, and
     the teacher when ``need_teacher``."""
     start = time.perf_counter()
+    features.use_dir(Path(cfg.cache_dir).expanduser() / "features")
     tokenizer = load_tokenizer(cfg.student)
     same = tokenizer_source(cfg.teacher) == tokenizer_source(cfg.student)  # a preset may leave it to `path`
     teacher_tokenizer = tokenizer if same else load_tokenizer(cfg.teacher)
     check_vocabularies(cfg, tokenizer, teacher_tokenizer, shared_vocab, vocab_hint)
     if check_tokenizer is not None:
         check_tokenizer(tokenizer)
+    loaded = time.perf_counter()
     data = load_task(cfg.task, unlabeled_samples=unlabeled_samples)
     ctx = Context(cfg=cfg, out_dir=out_dir, run_key=run_key, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
-                  data=data)
+                  data=data, timings={"tokenizer_s": loaded - start, "data_s": time.perf_counter() - loaded})
     log.info("data: %s train=%d validation=%d eval=%d student=%d unlabeled=%d", cfg.task.name, len(data.train),
              len(data.validation), len(data.eval), len(data.student), len(data.unlabeled))
     ctx.timings["setup_s"] = time.perf_counter() - start
@@ -141,9 +144,20 @@ def unloaded_teacher_info(cfg) -> dict:
 
 def build_student(ctx: Context, for_training: bool = True):
     cfg = ctx.cfg
-    student = build_model(cfg.student, len(ctx.tokenizer), seed=cfg.seed, hw_cfg=cfg.hardware,
-                          for_training=for_training)
-    return wrap_student(student, cfg) if cfg.student.lora.enabled else student
+    with timed(ctx, "build_student_s"):
+        student = build_model(cfg.student, len(ctx.tokenizer), seed=cfg.seed, hw_cfg=cfg.hardware,
+                              for_training=for_training)
+        return wrap_student(student, cfg) if cfg.student.lora.enabled else student
+
+
+@contextmanager
+def timed(ctx: Context, name: str) -> Iterator[None]:
+    """Add the block's wall seconds to ``ctx.timings[name]`` (results.json ``timings_s``)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def student_args(ctx: Context):
@@ -158,23 +172,28 @@ def finish(ctx: Context, student, history: list[dict], trained: bool = True) -> 
     cfg, out = ctx.cfg, ctx.out_dir
     student = merged_student(ctx, student)  # LoRA: evaluate, measure and save the merged standalone model
     start = time.perf_counter()
-    s_metrics, s_preds, s_speed = evaluate_model(student, ctx.tokenizer, ctx.data.eval, cfg.task, cfg.hardware,
-                                                 "student")
+    with timed(ctx, "evaluate_student_s"):
+        s_metrics, s_preds, s_speed = evaluate_model(student, ctx.tokenizer, ctx.data.eval, cfg.task, cfg.hardware,
+                                                     "student")
     saved = None
     if cfg.save_student and trained:
         saved = out / "student"
-        student.save_pretrained(saved)
-        ctx.tokenizer.save_pretrained(saved)
+        with timed(ctx, "save_s"):
+            student.save_pretrained(saved)
+            ctx.tokenizer.save_pretrained(saved)
     efficiency = {"student": {**model_efficiency(student, saved or _local_dir(cfg.student.path)), **s_speed}}
-    t_eval = teacher_evaluation(ctx, ctx.data.eval) if ctx.has_teacher and cfg.eval_teacher else None
+    with timed(ctx, "teacher_eval_s"):
+        t_eval = teacher_evaluation(ctx, ctx.data.eval) if ctx.has_teacher and cfg.eval_teacher else None
     teacher_metrics = t_eval.metrics if t_eval else None
     if t_eval:
         efficiency["teacher"] = t_eval.efficiency
         ctx.teacher_info["evaluation"] = {"path": str(t_eval.path), "reused": t_eval.reused}
     # Selection (sweeps, Optuna, early stopping) must never see eval: score the validation split too.
-    v_metrics, _, _ = evaluate_model(student, ctx.tokenizer, ctx.data.validation, cfg.task, cfg.hardware,
-                                     "student-validation")
-    diagnostics = _diagnostics(ctx, student, t_eval)
+    with timed(ctx, "validation_s"):
+        v_metrics, _, _ = evaluate_model(student, ctx.tokenizer, ctx.data.validation, cfg.task, cfg.hardware,
+                                         "student-validation")
+    with timed(ctx, "diagnostics_s"):
+        diagnostics = _diagnostics(ctx, student, t_eval)
     ctx.timings["evaluate_s"] = time.perf_counter() - start
     _write_samples(out / "samples.jsonl", ctx.data.eval[: cfg.num_samples], s_preds, t_eval and t_eval.predictions)
     main = cfg.task.main_metric

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from omegaconf import OmegaConf
+
 SQUAD_EMBEDDED_TRAIN_ARTICLES = 38  # of 48, in file order (SOURCES.md)
 
 Rows = tuple[list[dict], list[dict]]  # (training pool, eval) rows in the hub's schema
@@ -164,7 +166,24 @@ class TaskData:
     unlabeled: list[Example]
 
 
+# load_task's splits per (task config, transfer-set size), for the jobs of one sweep process: building SST-2's 67k
+# examples is a second of every run, and the same task config always gives the same examples.
+_loaded: dict[str, TaskData] = {}
+
+
 def load_task(task_cfg, unlabeled_samples: int = 0) -> TaskData:
+    """The task's splits; a repeat call in this process reuses the examples (new lists, shared :class:`Example`
+    objects, which nothing changes)."""
+    key = json.dumps([OmegaConf.to_container(task_cfg, resolve=True), unlabeled_samples], sort_keys=True, default=str)
+    if key not in _loaded:
+        _loaded.clear()  # one task at a time: a sweep over tasks must not hold every task's examples
+        _loaded[key] = _load_task(task_cfg, unlabeled_samples)
+    data = _loaded[key]
+    return TaskData(train=list(data.train), validation=list(data.validation), eval=list(data.eval),
+                    student=list(data.student), unlabeled=list(data.unlabeled))
+
+
+def _load_task(task_cfg, unlabeled_samples: int) -> TaskData:
     pool_rows, eval_rows = load_raw(task_cfg)
     make = example_maker(task_cfg)
     pool = [make(r) for r in pool_rows]

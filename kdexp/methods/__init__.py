@@ -6,6 +6,8 @@ A method module holds everything about that method and nothing else needs to nam
   as ``method/<name>_schema``, so a typo'd key fails at compose time;
 - ``check(cfg)``: its range checks, one-line ``ValueError`` naming the key, run before any model loads;
 - ``run(cfg, out_dir, run_key) -> dict``: setup → train → finish (kdexp/core/runner.py);
+- ``teacher_artefacts(ctx)``: the content-addressed artefacts its runs need from the teacher (kdexp/methods/
+  artefacts.py), for ``python -m kdexp.cache build``;
 - ``NEEDS_SHARED_VOCAB``, ``TRAINS_STUDENT``, ``LOSS_WEIGHTS`` (what a stage may reweight), ``BASELINE`` (what the
   report tests the others against) and ``LABEL_KNOBS`` (knobs a report names in every variant label).
 
@@ -26,7 +28,9 @@ from omegaconf import open_dict
 from kdexp.config import register_base
 from kdexp.config.known_keys import check_known_keys
 from kdexp.core.checks import check_shared
+from kdexp.core.runner import Context
 from kdexp.methods import b0, eval_only, kd1, kd2, kd3, kd4
+from kdexp.methods.artefacts import Artefact
 
 log = logging.getLogger(__name__)
 METHODS: dict[str, ModuleType] = {m.NAME: m for m in (b0, kd1, kd2, kd3, kd4, eval_only)}
@@ -80,3 +84,8 @@ def validate(cfg) -> None:
     prepare(cfg)
     check_shared(cfg, trains_student=module.TRAINS_STUDENT, loss_weights=module.LOSS_WEIGHTS)
     module.check(cfg)
+
+
+def teacher_artefacts(ctx: Context) -> list[Artefact]:
+    """What a run of ``ctx.cfg`` (validated) needs from the teacher, by its method's ``teacher_artefacts``."""
+    return get(ctx.cfg.method.name).teacher_artefacts(ctx)

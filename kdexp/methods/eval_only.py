@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdexp.core.runner import build_student, finish, setup
+from kdexp.methods import artefacts
+from kdexp.methods.artefacts import Artefact
 
 NAME = "eval"
 NEEDS_SHARED_VOCAB = False
@@ -28,3 +30,10 @@ def check(cfg) -> None:
 def run(cfg, out_dir: Path, run_key: str) -> dict:
     ctx = setup(cfg, out_dir, run_key, need_teacher=cfg.eval_teacher)
     return finish(ctx, build_student(ctx, for_training=False), [], trained=False)
+
+
+# ---- what its runs need from the teacher (python -m kdexp.cache build) ---------------------------------------------
+
+def teacher_artefacts(ctx) -> list[Artefact]:
+    """With ``eval_teacher``: the prepared teacher and its evaluation (the only use of the teacher); else none."""
+    return artefacts.with_teacher(ctx) if ctx.cfg.eval_teacher else []

@@ -33,24 +33,27 @@ from kdexp.core.losses import (
     resolve_divergence,
 )
 from kdexp.core.models import Encoded, answer_logits, collate, encode
-from kdexp.core.runner import Context, build_student, finish, setup, student_args
+from kdexp.core.runner import Context, build_student, check_vocabularies, finish, setup, student_args
 from kdexp.core.sparse_target import CACHE_MODES, cache_layout, cached_forward_kl_estimate
 from kdexp.core.stages import stage_losses
 from kdexp.core.teacher import teacher_identity
 from kdexp.core.teacher_cache import (
     FORMAT_VERSION,
+    Layout,
     collate_cache_rows,
     load_or_build_teacher_cache,
     open_teacher_cache,
     teacher_logits_from_cache,
 )
 from kdexp.core.training import AnswerTrainer, train_model
-from kdexp.methods import kd1_xtok
+from kdexp.methods import artefacts, kd1_xtok
+from kdexp.methods.artefacts import Artefact
 
 NAME = "kd1"
 NEEDS_SHARED_VOCAB = True
 TRAINS_STUDENT = True
 BASELINE = False
+KD_REFERENCE = True  # the report also tests every other KD method against logit KD, paired by seed
 LOSS_WEIGHTS = ("alpha",)
 LABEL_KNOBS = {"temperature": "T", "alpha": "α"}
 ULD = "uld"  # method.divergence=uld: logit KD across tokenizers (kd1_xtok)
@@ -191,20 +194,27 @@ def teacher_rows(teacher, features, pad_id: int, batch_size: int):
 
 def kd_features(ctx: Context) -> list[Encoded]:
     """Labelled student subset, then the unlabelled transfer set answered by the teacher (CE-masked)."""
+    answers = None
+    if ctx.data.unlabeled:
+        answers, ctx.extra["transfer_answers"] = teacher_answers(ctx, ctx.data.unlabeled, decoding_spec(ctx.cfg.task))
+    return encode_features(ctx, answers)
+
+
+def encode_features(ctx: Context, answers: list[str] | None) -> list[Encoded]:
+    """The training list of :func:`kd_features` given the transfer set's answers (None: the labelled part only)."""
     cfg, data = ctx.cfg, ctx.data
     feats = encode(data.student, ctx.tokenizer, cfg.task)
-    if data.unlabeled:
-        answers, ctx.extra["transfer_answers"] = teacher_answers(ctx, data.unlabeled, decoding_spec(cfg.task))
+    if answers is not None:
         feats += encode(data.unlabeled, ctx.tokenizer, cfg.task, targets=answers, labelled=False)
     for i, f in enumerate(feats):
         f.index = i  # cache rows are aligned with this training list
     return feats
 
 
-def ensure_cache(ctx, feats: list[Encoded]):
-    """Content-addressed teacher cache for exactly these training inputs; built once, reused by every sweep job."""
-    cfg, m = ctx.cfg, ctx.cfg.method
-    vocab = len(ctx.tokenizer)
+def cache_spec(cfg, feats: list[Encoded], vocab: int) -> tuple[dict, Path, Layout]:
+    """The cache's key material, path (content-addressed unless ``method.cache_path``) and layout, for a run and for
+    ``python -m kdexp.cache`` alike."""
+    m = cfg.method
     inputs = content_hash([f.prompt_ids + [-1] + f.answer_ids for f in feats])
     top_k, samples = cache_layout(m.cache_mode, m.top_k, m.cache_samples)
     meta = {"teacher": teacher_identity(cfg), "inputs": inputs, "n_examples": len(feats),
@@ -212,6 +222,14 @@ def ensure_cache(ctx, feats: list[Encoded]):
     if samples:  # sampling knobs only key sampled caches: head_uniform ones ignore them
         meta |= {"samples": samples, "sample_temperature": m.cache_sample_temperature, "sample_seed": m.cache_seed}
     path = Path(m.cache_path) if m.cache_path else Path(cfg.cache_dir) / "teacher_cache" / f"{content_hash(meta)}.h5"
+    return meta, path, Layout(vocab, top_k, samples, float(m.cache_sample_temperature), m.cache_seed)
+
+
+def ensure_cache(ctx, feats: list[Encoded]):
+    """Content-addressed teacher cache for exactly these training inputs; built once, reused by every sweep job."""
+    cfg, m = ctx.cfg, ctx.cfg.method
+    vocab = len(ctx.tokenizer)
+    meta, path, layout = cache_spec(cfg, feats, vocab)
     if m.cache_path:
         cache = open_teacher_cache(path)
         if cache.vocab_size != vocab:
@@ -220,7 +238,7 @@ def ensure_cache(ctx, feats: list[Encoded]):
     start = time.perf_counter()
     cache = load_or_build_teacher_cache(
         path, lambda: teacher_rows(ctx.teacher, feats, ctx.tokenizer.pad_token_id, cfg.hardware.eval_batch_size),
-        n_examples=len(feats), vocab_size=vocab, top_k=top_k, samples=samples,
+        n_examples=len(feats), vocab_size=vocab, top_k=layout.top_k, samples=layout.samples,
         sample_temperature=m.cache_sample_temperature, sample_seed=m.cache_seed,
         compression=None if m.cache_compression == "none" else m.cache_compression, meta=meta)
     ctx.timings["teacher_cache_s"] = time.perf_counter() - start
@@ -257,3 +275,27 @@ def run(cfg, out_dir: Path, run_key: str) -> dict:
                           teacher=None if cached else ctx.teacher, vocab_size=vocab, chunk_size=m.chunk_size)
     ctx.timings["train_s"] = time.perf_counter() - start
     return finish(ctx, student, history)
+
+
+# ---- what its runs need from the teacher (python -m kdexp.cache build) ---------------------------------------------
+
+def teacher_artefacts(ctx: Context) -> list[Artefact]:
+    """Prepared teacher, transfer-set answers, the logit cache (cached signal, alpha > 0, no cache_path), eval."""
+    m = ctx.cfg.method
+    if m.divergence == ULD:
+        return kd1_xtok.teacher_artefacts(ctx, teacher_rows)
+    check_vocabularies(ctx.cfg, ctx.tokenizer, ctx.teacher_tokenizer, NEEDS_SHARED_VOCAB, ULD_HINT)
+    check_top_k(m.top_k, len(ctx.tokenizer))
+    answers = artefacts.transfer_answers(ctx)
+    if m.teacher_signal != "cached" or m.alpha == 0 or m.cache_path:
+        return artefacts.with_teacher(ctx, answers)
+    vocab = len(ctx.tokenizer)
+
+    def key_material(transfer: list[str] | None):
+        feats = encode_features(ctx, transfer)
+        meta, path, layout = cache_spec(ctx.cfg, feats, vocab)
+        return meta, path, lambda: artefacts.teacher_cache_ready(path, meta, len(feats), layout)
+
+    cache = artefacts.teacher_cache(key_material, lambda transfer: ensure_cache(ctx, encode_features(ctx, transfer)),
+                                    ctx, answers)
+    return artefacts.with_teacher(ctx, answers, cache)

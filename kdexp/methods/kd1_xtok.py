@@ -25,9 +25,11 @@ from kdexp.core.losses import blend, masked_cross_entropy
 from kdexp.core.models import Encoded, answer_logits, collate, encode
 from kdexp.core.runner import Context, build_student, finish, setup, student_args
 from kdexp.core.teacher import teacher_identity
-from kdexp.core.teacher_cache import FORMAT_VERSION, collate_cache_rows, load_or_build_teacher_cache
+from kdexp.core.teacher_cache import FORMAT_VERSION, Layout, collate_cache_rows, load_or_build_teacher_cache
 from kdexp.core.training import AnswerTrainer, train_model
 from kdexp.core.uld import span_probs, span_probs_from_cache, w1_sorted
+from kdexp.methods import artefacts
+from kdexp.methods.artefacts import Artefact
 
 TEACHER = "t_"  # batch keys of the teacher's own tokenization
 SPAN = "span_"
@@ -130,15 +132,20 @@ class ULDTrainer(AnswerTrainer):
         return w1_sorted(teacher, student).sum()
 
 
+def teacher_cache_spec(cfg, t_feats: list[Encoded], vocab: int) -> tuple[dict, Path]:
+    """Key material and path of the cache on the teacher's own tokens (a run and ``python -m kdexp.cache`` alike)."""
+    inputs = content_hash([f.prompt_ids + [-1] + f.answer_ids for f in t_feats])
+    meta = {"teacher": teacher_identity(cfg), "inputs": inputs, "n_examples": len(t_feats),
+            "vocab_size": vocab, "top_k": cfg.method.top_k, "task": cfg.task.name,
+            "format": FORMAT_VERSION}
+    return meta, Path(cfg.cache_dir) / "teacher_cache" / f"{content_hash(meta)}.h5"
+
+
 def ensure_teacher_cache(ctx: Context, feats: list[PairedEncoded], teacher_rows):
     """The teacher cache on the teacher's own token ids (same key scheme as KD1's; a shared pair reuses its file)."""
     cfg, m = ctx.cfg, ctx.cfg.method
     t_feats, vocab = [f.teacher for f in feats], len(ctx.teacher_tokenizer)
-    inputs = content_hash([f.prompt_ids + [-1] + f.answer_ids for f in t_feats])
-    meta = {"teacher": teacher_identity(cfg), "inputs": inputs, "n_examples": len(t_feats),
-            "vocab_size": vocab, "top_k": m.top_k, "task": cfg.task.name,
-            "format": FORMAT_VERSION}
-    path = Path(cfg.cache_dir) / "teacher_cache" / f"{content_hash(meta)}.h5"
+    meta, path = teacher_cache_spec(cfg, t_feats, vocab)
     start = time.perf_counter()
     cache = load_or_build_teacher_cache(
         path, lambda: teacher_rows(ctx.teacher, t_feats, ctx.teacher_tokenizer.pad_token_id,
@@ -166,3 +173,26 @@ def run(cfg, out_dir: Path, run_key: str, *, teacher_rows) -> dict:
                           teacher=None if cached else ctx.teacher, teacher_vocab=len(ctx.teacher_tokenizer))
     ctx.timings["train_s"] = time.perf_counter() - start
     return finish(ctx, student, history)
+
+
+# ---- what its runs need from the teacher (python -m kdexp.cache build) ---------------------------------------------
+
+def teacher_artefacts(ctx: Context, teacher_rows) -> list[Artefact]:
+    """Prepared teacher, transfer-set answers, the cache on the teacher's tokens (cached signal, alpha > 0), eval."""
+    m, data, task = ctx.cfg.method, ctx.data, ctx.cfg.task
+    answers = artefacts.transfer_answers(ctx)
+    if m.teacher_signal != "cached" or m.alpha == 0:
+        return artefacts.with_teacher(ctx, answers)
+    vocab = len(ctx.teacher_tokenizer)
+
+    def key_material(transfer: list[str] | None):
+        t_feats = encode(data.student, ctx.teacher_tokenizer, task)
+        if transfer is not None:
+            t_feats += encode(data.unlabeled, ctx.teacher_tokenizer, task, targets=transfer, labelled=False)
+        meta, path = teacher_cache_spec(ctx.cfg, t_feats, vocab)
+        return meta, path, lambda: artefacts.teacher_cache_ready(path, meta, len(t_feats), Layout(vocab, m.top_k))
+
+    def build(_transfer) -> None:  # paired_features reads the answers again, as a run does
+        ensure_teacher_cache(ctx, paired_features(ctx, m.alignment), teacher_rows)
+
+    return artefacts.with_teacher(ctx, answers, artefacts.teacher_cache(key_material, build, ctx, answers))

@@ -29,6 +29,8 @@ from kdexp.core.models import answer_logits, collate, encode
 from kdexp.core.runner import build_student, finish, setup, student_args
 from kdexp.core.stages import stage_losses
 from kdexp.core.training import AnswerTrainer, train_model
+from kdexp.methods import artefacts
+from kdexp.methods.artefacts import Artefact
 
 log = logging.getLogger(__name__)
 NAME = "kd2"
@@ -159,3 +161,12 @@ def run(cfg, out_dir: Path, run_key: str) -> dict:
                         "pseudo_label_metrics": quality, "train_prompts": len(items),
                         "train_rows": sum(len(item) for item in items)}
     return finish(ctx, student, history)
+
+
+# ---- what its runs need from the teacher (python -m kdexp.cache build) ---------------------------------------------
+
+def teacher_artefacts(ctx) -> list[Artefact]:
+    """Prepared teacher, its answers to every training prompt (the targets), eval; training never loads it."""
+    cfg, data = ctx.cfg, ctx.data
+    spec = decoding_spec(cfg.task, cfg.method.decoding, cfg.hardware.eval_batch_size)
+    return artefacts.with_teacher(ctx, artefacts.answers(ctx, data.student + data.unlabeled, spec))

@@ -35,6 +35,8 @@ from kdexp.core.losses import blend, check_divergence, masked_cross_entropy, res
 from kdexp.core.models import answer_logits
 from kdexp.core.runner import build_student, finish, setup, student_args
 from kdexp.core.training import train_model
+from kdexp.methods import artefacts
+from kdexp.methods.artefacts import Artefact
 from kdexp.methods.kd1 import DistillationTrainer, kd_features
 
 log = logging.getLogger(__name__)
@@ -347,3 +349,10 @@ def run(cfg, out_dir: Path, run_key: str) -> dict:
                         "projections": str(saved) if saved else None,
                         "projection_params": sum(p.numel() for p in projections.parameters()) if saved else 0}
     return finish(ctx, student, history)
+
+
+# ---- what its runs need from the teacher (python -m kdexp.cache build) ---------------------------------------------
+
+def teacher_artefacts(ctx) -> list[Artefact]:
+    """Prepared teacher (it runs online in training), transfer-set answers (KD1's features), eval."""
+    return artefacts.with_teacher(ctx, artefacts.transfer_answers(ctx))
