@@ -17,11 +17,12 @@ DDP_CPU = ["hardware=ddp", "hardware.device=cpu", "hardware.dtype=float32", "har
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_writes_one_results_json(tmp_path):
+@pytest.mark.parametrize("method", [["method=kd1"], ["method=kd4", "method.lmbda=1"]], ids=["kd1", "kd4"])
+def test_two_process_gloo_run_writes_one_results_json(tmp_path, method):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     env = {**os.environ, "KDEXP_CACHE_DIR": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "kdexp", *SMOKE, "method=kd1",
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "kdexp", *SMOKE, *method,
                            *DDP_CPU], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = list(tmp_path.rglob("results.json"))
@@ -32,6 +33,10 @@ def test_two_process_gloo_run_writes_one_results_json(tmp_path):
     assert res["stages"][0]["world_size"] == 2 and res["stages"][0]["steps"] == 2
     assert len(list((tmp_path / "cache" / "runs").glob("*.json"))) == 1  # one registry entry
     assert (found[0].parent / "student" / "model.safetensors").exists()
+    if "kd4" in res:  # every step sampled from the DDP-wrapped student on both ranks, and the teacher scored it
+        kd4 = res["kd4"]
+        assert kd4["steps"] == kd4["on_policy_steps"] == res["stages"][0]["steps"] == 2
+        assert kd4["mean_sampled_len"] > 0 and len(kd4["sample_hashes"]) == 2
 
 
 def test_ddp_preset_without_a_launcher_is_a_one_line_error(make_cfg, monkeypatch):

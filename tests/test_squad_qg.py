@@ -68,6 +68,23 @@ def test_config_composes_and_validates():
         validate(compose_cfg(["task=squad_qg", "method=b0", "task.main_metric=f1"]))
 
 
+def test_the_task_sets_the_tiny_teachers_recipe_and_only_the_teacher_key_follows_it(tmp_path):
+    from kdexp.core.teacher import teacher_key
+    from kdexp.experiments.registry import run_key
+
+    qg = compose_cfg(["task=squad_qg", "method=b0"], tmp_path)
+    assert OmegaConf.to_container(qg.teacher.prepare, resolve=True) | {"seed": 0} == {
+        "enabled": True, "epochs": 4.0, "lr": 2e-3, "batch_size": 16, "max_train_samples": None,
+        "weight_decay": 0.01, "warmup_ratio": 0.05, "seed": 0}
+    # SST-2 keeps the one-epoch recipe its prepared teachers were built with.
+    assert compose_cfg(["task=sst2"]).teacher.prepare.epochs == 1
+    longer = compose_cfg(["task=squad_qg", "method=b0", "task.teacher_epochs=5"], tmp_path)
+    assert teacher_key(longer) != teacher_key(qg) and run_key(longer) != run_key(qg)
+    # The key hashes the resolved recipe, not where it was written: a direct override is the same teacher.
+    direct = compose_cfg(["task=squad_qg", "method=b0", "teacher.prepare.epochs=5"], tmp_path)
+    assert teacher_key(direct) == teacher_key(longer) and run_key(direct) == run_key(longer)
+
+
 PREDS = ["What team won the game?", "Who is the chair of the IPCC?", "when was it", ""]
 REFS = [["Which team won Super Bowl 50?"], ["Who is the chair of the IPCC?"], ["When was the treaty signed?"],
         ["What is the capital?"]]

@@ -47,9 +47,10 @@ def bench_kd4(steps: int = 3, warmup: int = 1, rounds: int = 2, overrides=()) ->
         step = time_methods(variants, work, steps=steps, warmup=warmup, rounds=rounds)
         runs = _kd4_runs(work)
     gen_s = sum(r["kd4"]["generate_s"] for r in runs)
-    tokens = sum(r["kd4"]["generate_tokens_per_s"] * r["kd4"]["generate_s"] for r in runs if r["kd4"]["generate_s"])
+    tokens = sum(r["kd4"]["sampled_tokens"] for r in runs)
     train_s = sum(h["train_runtime"] for r in runs for h in r["train_log"] if "train_runtime" in h)
-    rows = sum(r["kd4"]["on_policy_steps"] for r in runs) * cfg.train.batch_size
+    # Rows actually sampled: a step's last micro-batch of an epoch can be short of train.batch_size.
+    rows = sum(r["kd4"]["sampled_rows"] for r in runs)
     return {
         "task": cfg.task.name, "batch_size": cfg.train.batch_size, "steps_timed": steps * rounds,
         "max_new_tokens": cfg.method.generation.max_new_tokens,

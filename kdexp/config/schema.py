@@ -121,8 +121,13 @@ class TaskConfig:
     max_new_tokens: int = 32
     # Default size of the KD transfer set (method.unlabeled_samples) for this task.
     unlabeled_samples: int = 0
-    # How many train examples a tiny teacher is prepared on (teacher.prepare.max_train_samples); null = all.
+    # How a tiny teacher is prepared on this task (conf/teacher/tiny.yaml reads these into teacher.prepare, so they
+    # are in the prepared teacher's key): train examples (null = all), epochs, batch size, learning rate. A task
+    # whose answers are sentences needs far more steps than one whose answer is a label word.
     teacher_train_samples: int | None = None
+    teacher_epochs: float = 1.0
+    teacher_batch_size: int = 64
+    teacher_lr: float = 2e-3
     # Extra trivial baselines (kdexp/core/baselines.py): baseline name -> the row field predicted verbatim, e.g.
     # squad_qg's {answer_sentence: sentence} (the answer's sentence as the question).
     baseline_fields: dict[str, str] = field(default_factory=dict)

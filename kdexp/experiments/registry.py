@@ -18,9 +18,11 @@ from kdexp.config import BOOKKEEPING_KEYS
 from kdexp.core.artefacts import atomic_write_json, content_hash
 
 log = logging.getLogger(__name__)
-# Task keys read only through interpolations (method.unlabeled_samples, teacher.prepare.max_train_samples) whose
-# resolved values are in the key already: B0 reads neither, so a sweep over them must not train B0 twice.
-DEFAULT_SOURCES = ("unlabeled_samples", "teacher_train_samples")
+# Task keys read only through interpolations (method.unlabeled_samples, teacher.prepare.*) whose resolved values are
+# in the key already. Hashing the source too would split equal runs: B0 never reads the transfer-set size, so a sweep
+# over it must not train B0 twice, and `teacher.prepare.epochs=4` is the same teacher as `task.teacher_epochs=4`.
+DEFAULT_SOURCES = ("unlabeled_samples", "teacher_train_samples", "teacher_epochs", "teacher_batch_size",
+                   "teacher_lr")
 
 
 def run_key(cfg) -> str:

@@ -222,7 +222,9 @@ class OnPolicyTrainer(DistillationTrainer):
         self._window["steps"] += 1
         if not on or not batches:
             return batches, n_items
-        seed = int(torch.randint(2**62, (), generator=policy.generator))
+        # Every rank draws the same coin and seed (one generator, seeded alike); the rank offset gives each
+        # process's different prompts their own sampling noise instead of the same uniform draws.
+        seed = int(torch.randint(2**62, (), generator=policy.generator)) + 1_000_003 * self.args.process_index
         start = time.perf_counter()
         new_batches, sampled, reference = [], [], []
         for i, batch in enumerate(batches):
@@ -286,6 +288,7 @@ def summary(policy: Policy) -> dict:
     t = policy.totals
     return {"lmbda": policy.lmbda, "steps": t["steps"], "on_policy_steps": t["on_policy_steps"],
             "on_policy_fraction": t["on_policy_steps"] / max(t["steps"], 1),
+            "sampled_tokens": t["sampled_tokens"], "sampled_rows": t["sampled_rows"],
             "mean_sampled_len": t["sampled_tokens"] / t["sampled_rows"] if t["sampled_rows"] else None,
             "mean_reference_len": t["reference_tokens"] / t["reference_rows"] if t["reference_rows"] else None,
             "generate_s": round(t["generate_s"], 3),
