@@ -130,6 +130,20 @@ def test_dominant_loss_term_at_the_start():
                       teacher_predictions=None, eval_examples=examples, trivial=None) == []
 
 
+@pytest.mark.parametrize("mass, samples, flagged", [(0.16, 0, True), (0.37, 0, False), (0.16, 64, False),
+                                                    (float("nan"), 0, False)])
+def test_a_cached_target_that_is_mostly_uniform_tail_is_a_warning(mass, samples, flagged):
+    examples = _sst2_examples(5, 5)
+    good = [ex.answers[0] for ex in examples]
+    result = {**_result(1.0), "diagnostics": {"teacher_top_k_mass": mass, "tail_samples": samples, "top_k": 64,
+                                              "temperature": 2.0}}
+    flags = detect(result, task_cfg=SST2, student_predictions=good, teacher_predictions=None,
+                   eval_examples=examples, trivial=None)
+    assert _codes(flags) == ({("uniform_tail_target", "student")} if flagged else set())
+    if flagged:  # a cause, not an outcome: the run stays in the significance tests
+        assert not is_degenerate(flags) and "16% of the teacher's mass at T=2 in its top-64" in flags[0]["message"]
+
+
 def test_trivial_baselines_and_the_eval_majority_rate_both_count():
     # kdexp.core.baselines picks the majority class of the student's subset, which may be eval's minority class.
     examples = _sst2_examples(60, 40)

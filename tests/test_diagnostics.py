@@ -58,7 +58,7 @@ def test_top_k_mass_from_cache_rows_matches_the_full_softmax():
 
 
 class _Cache(list):
-    vocab_size, top_k = 500, 16
+    vocab_size, top_k, samples = 500, 16, 0
 
 
 def test_teacher_mass_is_a_token_mean_over_the_cache():
@@ -67,7 +67,7 @@ def test_teacher_mass_is_a_token_mean_over_the_cache():
     cache = _Cache(rows_from_logits(z, 16) for z in examples)
     got = teacher_mass(cache, 1.0)
     full = torch.cat([torch.softmax(z, -1).topk(16).values.sum(-1) for z in examples]).mean()
-    assert got["mass_tokens"] == 7 and got["top_k"] == 16 and got["temperature"] == 1.0
+    assert got["mass_tokens"] == 7 and got["top_k"] == 16 and got["temperature"] == 1.0 and got["tail_samples"] == 0
     assert got["teacher_top_k_mass"] == pytest.approx(float(full), abs=2e-3)
     assert got["teacher_top_k_mass"] + got["teacher_tail_mass"] == pytest.approx(1.0)
     assert teacher_mass(cache, 1.0, max_examples=1)["mass_tokens"] == 1

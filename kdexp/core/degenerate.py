@@ -17,6 +17,10 @@ The rules (thresholds are module constants):
 - ``dominant_loss_term`` (severity ``warning``: a cause, not an outcome): in the first logged training entry, the
   largest ``loss_*`` term is at least :data:`DOMINANCE` × every other non-zero term. The logged terms are unweighted;
   pass ``loss_weights`` (term name without ``loss_`` → weight) to compare what each term adds to the loss.
+- ``uniform_tail_target`` (severity ``warning``): a cached head + uniform-tail target (``diagnostics`` with
+  ``tail_samples`` 0) whose top-k ids hold less than :data:`UNIFORM_TAIL_MASS` of the teacher's mass at the run's T:
+  most of the KD target is then the uniform tail, close to label smoothing. On squad_qg at T = 2 the top-64 held 16%
+  and KD1 fell below B0 (docs/tasks.md); on SST-2 it holds 37%.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-__all__ = ["CONSTANT_SHARE", "DOMINANCE", "EPSILON_POINTS", "FRACTION_METRICS", "detect", "is_degenerate",
-           "majority_rate"]
+__all__ = ["CONSTANT_SHARE", "DOMINANCE", "EPSILON_POINTS", "FRACTION_METRICS", "UNIFORM_TAIL_MASS", "detect",
+           "is_degenerate", "majority_rate"]
 
 CONSTANT_SHARE = 0.9  # a generator giving one answer (or none) for ≥ 90 % of the examples has not learnt the task
 EPSILON_POINTS = 1.0  # "no better than trivial": within one percentage point of the metric's full scale
 DOMINANCE = 100.0  # two orders of magnitude: the other terms barely move the gradient
+UNIFORM_TAIL_MASS = 0.25  # below a quarter of the mass in the head, the target is mostly the uniform tail
 # kdexp.core.metrics: accuracy is a fraction, every other metric (SQuAD EM/F1, QG ROUGE-L/BLEU) is on 0-100.
 FRACTION_METRICS = frozenset({"accuracy"})
 
@@ -108,6 +113,17 @@ def _dominant_term(train_log: Sequence[Mapping] | None, loss_weights: Mapping[st
                                                    f"{big / small:.0f}x the next ({others}){weighted}", "warning")]
 
 
+def _uniform_tail(diagnostics: Mapping | None) -> list[dict]:
+    d = diagnostics or {}
+    mass = d.get("teacher_top_k_mass")
+    if d.get("tail_samples") != 0 or mass is None or not math.isfinite(mass) or mass >= UNIFORM_TAIL_MASS:
+        return []
+    return [_flag("uniform_tail_target", "student", f"the cached KD target keeps {mass:.0%} of the teacher's mass at "
+                  f"T={d.get('temperature', float('nan')):g} in its top-{d.get('top_k')} ids and spreads the other "
+                  f"{1 - mass:.0%} uniformly (close to label smoothing): try a lower method.temperature, "
+                  "method.cache_mode=head_sampled or method.teacher_signal=online", "warning")]
+
+
 def detect(result: Mapping, *, task_cfg, student_predictions: Sequence[str],
            teacher_predictions: Sequence[str] | None = None, eval_examples=(), trivial: Mapping | None = None,
            loss_weights: Mapping[str, float] | None = None) -> list[dict]:
@@ -133,4 +149,4 @@ def detect(result: Mapping, *, task_cfg, student_predictions: Sequence[str],
         if not any(f["code"] == "single_class" for f in found):
             found += _no_better(value, who, metric, references)
         flags += found
-    return flags + _dominant_term(result.get("train_log"), loss_weights)
+    return flags + _dominant_term(result.get("train_log"), loss_weights) + _uniform_tail(result.get("diagnostics"))

@@ -4,7 +4,8 @@ calibrated the student is.
 
 - ``teacher_top_k_mass`` / ``teacher_tail_mass``: mean over the cached answer tokens of the teacher's tempered
   probability mass on its top-k ids and on the other V − k ids (they sum to 1), read from the KD1 logit cache at
-  the run's temperature (the tail's log-partition comes from the cache's tail summary).
+  the run's temperature (the tail's log-partition comes from the cache's tail summary); ``tail_samples``: the
+  cache's sampled tail ids per token (0: head + uniform tail).
 - ``top1_agreement``: fraction of eval answer tokens (teacher-forced on gold) where the student's argmax is the
   teacher's; ``top_k_overlap``: mean |top-k_S ∩ top-k_T| / k there, k = ``overlap_k``.
 - ``student_ece``: expected calibration error of the student's next-token prediction on the same tokens (confidence
@@ -130,4 +131,4 @@ def teacher_mass(cache, temperature: float, max_examples: int = MASS_MAX_EXAMPLE
         total, n = total + float(mass.sum()), n + mass.numel()
     top = total / n if n else math.nan
     return {"teacher_top_k_mass": top, "teacher_tail_mass": 1 - top, "top_k": cache.top_k,
-            "temperature": float(temperature), "mass_tokens": n}
+            "tail_samples": cache.samples, "temperature": float(temperature), "mass_tokens": n}
