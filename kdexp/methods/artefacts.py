@@ -144,3 +144,15 @@ def teacher_cache(key_material: Callable[[list[str] | None], tuple[dict, Path, C
 def with_teacher(ctx: Context, *needed: Artefact | None) -> list[Artefact]:
     """The prepared teacher first (everything else is built from it), then ``needed``, then the evaluation."""
     return [*prepared_teacher(ctx), *(a for a in needed if a is not None), *evaluation(ctx)]
+
+
+def for_teacher_eval(ctx: Context) -> list[Artefact]:
+    """Methods whose only use of the teacher is scoring it (B0, eval): with ``eval_teacher`` the prepared teacher
+    and its evaluation; else none."""
+    return with_teacher(ctx) if ctx.cfg.eval_teacher else []
+
+
+def for_online_kd(ctx: Context) -> list[Artefact]:
+    """Methods that train on KD1's features with the teacher online (KD3, KD4): the prepared teacher, the transfer
+    set's answers, the evaluation."""
+    return with_teacher(ctx, transfer_answers(ctx))

@@ -15,7 +15,6 @@ from kdexp.core.models import encode
 from kdexp.core.runner import build_student, finish, setup, student_args
 from kdexp.core.training import train_model
 from kdexp.methods import artefacts
-from kdexp.methods.artefacts import Artefact
 
 NAME = "b0"
 NEEDS_SHARED_VOCAB = False
@@ -47,6 +46,4 @@ def run(cfg, out_dir: Path, run_key: str) -> dict:
 
 # ---- what its runs need from the teacher (python -m kdexp.cache build) ---------------------------------------------
 
-def teacher_artefacts(ctx) -> list[Artefact]:
-    """With ``eval_teacher``: the prepared teacher and its evaluation (the only use of the teacher); else none."""
-    return artefacts.with_teacher(ctx) if ctx.cfg.eval_teacher else []
+teacher_artefacts = artefacts.for_teacher_eval

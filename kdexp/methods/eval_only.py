@@ -8,7 +8,6 @@ from pathlib import Path
 
 from kdexp.core.runner import build_student, finish, setup
 from kdexp.methods import artefacts
-from kdexp.methods.artefacts import Artefact
 
 NAME = "eval"
 NEEDS_SHARED_VOCAB = False
@@ -34,6 +33,4 @@ def run(cfg, out_dir: Path, run_key: str) -> dict:
 
 # ---- what its runs need from the teacher (python -m kdexp.cache build) ---------------------------------------------
 
-def teacher_artefacts(ctx) -> list[Artefact]:
-    """With ``eval_teacher``: the prepared teacher and its evaluation (the only use of the teacher); else none."""
-    return artefacts.with_teacher(ctx) if ctx.cfg.eval_teacher else []
+teacher_artefacts = artefacts.for_teacher_eval

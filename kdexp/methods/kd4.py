@@ -35,7 +35,6 @@ from kdexp.core.runner import build_student, finish, setup, student_args
 from kdexp.core.stages import stage_losses
 from kdexp.core.training import train_model
 from kdexp.methods import artefacts
-from kdexp.methods.artefacts import Artefact
 from kdexp.methods.kd1 import DistillationTrainer, kd_features
 
 log = logging.getLogger(__name__)
@@ -319,6 +318,4 @@ def run(cfg, out_dir: Path, run_key: str) -> dict:
 
 # ---- what its runs need from the teacher (python -m kdexp.cache build) ---------------------------------------------
 
-def teacher_artefacts(ctx) -> list[Artefact]:
-    """Prepared teacher (it runs online in training), transfer-set answers (KD1's features), eval."""
-    return artefacts.with_teacher(ctx, artefacts.transfer_answers(ctx))
+teacher_artefacts = artefacts.for_online_kd
