@@ -66,9 +66,10 @@ def _single_token_scores(model, tokenizer, examples, task_cfg, batch_size, word_
     return torch.cat(scores)
 
 
-def label_scores(model, tokenizer, examples, task_cfg, batch_size) -> torch.Tensor:
-    """(N, W): each label word's log-probability (summed over its tokens) for each example."""
-    word_ids = label_word_ids(tokenizer, task_cfg)
+def label_scores(model, tokenizer, examples, task_cfg, batch_size, word_ids: list[list[int]] | None = None):
+    """(N, W): each label word's log-probability (summed over its tokens) for each example; ``word_ids``: the
+    words' :func:`label_word_ids` when the caller has them already."""
+    word_ids = word_ids or label_word_ids(tokenizer, task_cfg)
     if all(len(ids) == 1 for ids in word_ids):
         return _single_token_scores(model, tokenizer, examples, task_cfg, batch_size, [ids[0] for ids in word_ids])
     return torch.stack([answer_logprobs(model, tokenizer, examples, task_cfg, batch_size, targets=[w] * len(examples),
@@ -200,9 +201,10 @@ def evaluate_model(model, tokenizer, examples: list[Example], task_cfg, hw_cfg, 
         start = time.perf_counter()
         gold = None
         if task_cfg.label_words:
-            scores = label_scores(model, tokenizer, examples, task_cfg, bs)
+            word_ids = label_word_ids(tokenizer, task_cfg)
+            scores = label_scores(model, tokenizer, examples, task_cfg, bs, word_ids)
             predictions = [task_cfg.label_words[i] for i in scores.argmax(-1).tolist()]
-            gold = gold_from_scores(scores, examples, task_cfg, label_word_ids(tokenizer, task_cfg))
+            gold = gold_from_scores(scores, examples, task_cfg, word_ids)
         else:
             predictions = generate(model, tokenizer, examples, task_cfg, bs)
         metrics = metric(predictions, examples)
