@@ -228,3 +228,40 @@ def test_decode_answers_stops_at_a_stop_string(tiny):
     answers, n_tokens = _sample(model, tokenizer, example, task, sample, stop_strings=[stop])
     assert n_tokens == k + 1  # generation ended at the stop token, which counts
     assert answers == [tokenizer.decode(full[:k]).strip()] and stop not in answers[0]
+
+
+def test_validation_by_group_keeps_every_article_on_one_side(loaded):
+    from kdexp.core.tasks import load_raw
+
+    cfg = task_cfg("squad", validation_group="title")
+    data = load_task(cfg, cfg.unlabeled_samples)
+    pool, _ = load_raw(cfg)
+    title = {r["id"]: r["title"] for r in pool}
+    val_titles, train_titles = {title[ex.id] for ex in data.validation}, {title[ex.id] for ex in data.train}
+    assert val_titles and val_titles.isdisjoint(train_titles)
+    # Whole articles until >= validation_samples: the last one taken may overshoot, never by a whole article more.
+    sizes = {t: sum(title[ex.id] == t for ex in data.validation) for t in val_titles}
+    assert 300 <= len(data.validation) < 300 + max(sizes.values())
+    assert len(data.validation) + len(data.train) == len(pool)
+    assert rows(data.eval) == rows(loaded["squad"].eval)  # eval does not depend on how validation is carved
+    again = load_task(task_cfg("squad", validation_group="title", max_train_samples=7), 0)
+    assert rows(again.validation) == rows(data.validation)  # fixed seed: independent of the student subset
+
+
+def test_validation_group_names_the_key_when_rows_lack_the_field():
+    with pytest.raises(ValueError, match=r"task.validation_group='topic' is not a field"):
+        load_task(task_cfg("sst2", validation_group="topic"), 0)
+
+
+def test_validation_group_enters_the_keys_only_when_set(tmp_path):
+    from kdexp.core.teacher import teacher_key
+    from kdexp.experiments.registry import run_key
+    from tests.conftest import compose_cfg
+
+    # The prepared default teacher (and every cache keyed on it) keeps the key it was built under before the key
+    # existed; the same holds for the run registry.
+    default = compose_cfg(["task=sst2"], tmp_path)
+    assert teacher_key(default) == "2db3d8dffdec3dff"
+    by_title = compose_cfg(["task=squad_qg", "task.validation_group=title"], tmp_path)
+    plain = compose_cfg(["task=squad_qg"], tmp_path)
+    assert teacher_key(by_title) != teacher_key(plain) and run_key(by_title) != run_key(plain)

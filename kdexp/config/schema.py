@@ -115,6 +115,9 @@ class TaskConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     validation_samples: int = 500
+    # A row field (dotted path) whose groups are never split between validation and train, e.g. SQuAD's `title`:
+    # validation is then whole articles, the same shift as a by-article eval split. null: rows drawn at random.
+    validation_group: str | None = None
     subset_seed: int = 0
     max_prompt_tokens: int = 256
     max_answer_tokens: int = 32

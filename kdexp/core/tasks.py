@@ -5,8 +5,9 @@ template and the row fields that hold the id and the gold answer; nothing here k
 
 Splits (see docs/design.md):
 - ``train``: the training pool minus ``validation``; teachers are prepared on all of it.
-- ``validation``: ``task.validation_samples`` carved from the training pool with a fixed seed. Every selection
-  (early stopping, sweeps, Optuna) uses it, never ``eval``.
+- ``validation``: ``task.validation_samples`` carved from the training pool with a fixed seed, at random or, with
+  ``task.validation_group``, as whole groups (articles). Every selection (early stopping, sweeps, Optuna) uses it,
+  never ``eval``.
 - ``eval``: GLUE SST-2 dev / the last 10 SQuAD articles (hub: the ``validation`` split). Reported metrics only.
 - ``student``: the student's labelled subset, ``task.max_train_samples`` drawn from ``train`` with
   ``task.subset_seed`` (fixed across run seeds so that seeds pair), and ``unlabeled``: the next examples of the same
@@ -183,16 +184,43 @@ def load_task(task_cfg, unlabeled_samples: int = 0) -> TaskData:
                     student=list(data.student), unlabeled=list(data.unlabeled))
 
 
+def validation_rows(pool_rows: list[dict], n_val: int, group_field: str | None) -> list[int]:
+    """Indices of the pool rows carved out as validation, with a fixed seed (it must not move when the run seed or
+    the student subset changes): ``n_val`` rows at random, or with ``group_field`` whole groups in a seeded random
+    order until they hold ≥ ``n_val`` rows, so no group has rows on both sides."""
+    rng = random.Random(20240607)
+    if not group_field:
+        order = list(range(len(pool_rows)))
+        rng.shuffle(order)
+        return sorted(order[:n_val])
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(pool_rows):
+        try:
+            groups.setdefault(str(field_value(row, group_field)), []).append(i)
+        except (KeyError, TypeError):
+            raise ValueError(f"task.validation_group={group_field!r} is not a field of the training rows "
+                             f"(row fields: {sorted(row)})") from None
+    names = sorted(groups)
+    rng.shuffle(names)
+    picked: list[int] = []
+    for name in names:
+        if len(picked) >= n_val:
+            break
+        picked += groups[name]
+    if len(picked) == len(pool_rows):
+        raise ValueError(f"task.validation_group={group_field!r}: {len(groups)} group(s), too few to leave any for "
+                         f"train with validation_samples={n_val}")
+    return sorted(picked)
+
+
 def _load_task(task_cfg, unlabeled_samples: int) -> TaskData:
     pool_rows, eval_rows = load_raw(task_cfg)
     make = example_maker(task_cfg)
     pool = [make(r) for r in pool_rows]
-    order = list(range(len(pool)))
-    # A fixed seed: the validation split must not move when the run seed or the student subset changes.
-    random.Random(20240607).shuffle(order)
     n_val = min(task_cfg.validation_samples, len(pool) // 5)
-    validation = [pool[i] for i in sorted(order[:n_val])]
-    train = [pool[i] for i in sorted(order[n_val:])]
+    in_validation = set(validation_rows(pool_rows, n_val, task_cfg.get("validation_group")))
+    validation = [ex for i, ex in enumerate(pool) if i in in_validation]
+    train = [ex for i, ex in enumerate(pool) if i not in in_validation]
 
     perm = list(range(len(train)))
     random.Random(task_cfg.subset_seed).shuffle(perm)

@@ -41,7 +41,12 @@ TASK_DATA_KEYS = ("name", "source", "hub_id", "hub_config", "loader", "prompt_te
 
 
 def task_identity(task_cfg) -> dict:
-    return {k: OmegaConf.to_container(task_cfg, resolve=True)[k] for k in TASK_DATA_KEYS}
+    task = OmegaConf.to_container(task_cfg, resolve=True)
+    identity = {k: task[k] for k in TASK_DATA_KEYS}
+    # Added after keys were in use: only a set value enters the key, so the keys of random splits stay as they were.
+    if task.get("validation_group"):
+        identity["validation_group"] = task["validation_group"]
+    return identity
 
 
 def teacher_spec(cfg) -> dict:

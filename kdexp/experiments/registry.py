@@ -33,6 +33,8 @@ def run_key(cfg) -> str:
         container.pop(k, None)
     for k in DEFAULT_SOURCES:
         container["task"].pop(k, None)
+    if container["task"].get("validation_group") is None:  # added later: unset, the keys stay as they were
+        container["task"].pop("validation_group", None)
     return content_hash(container)
 
 
