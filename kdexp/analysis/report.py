@@ -5,7 +5,8 @@ the run registry let it skip an already complete run), groups runs by protocol a
 sizes: tasks are never mixed in one table), and writes to OUT (default ``<first DIR>/report``):
 
 - ``main_results`` — method × setting: mean ± sd over seeds of the EVAL main metric, teacher row, retention %.
-  Where a method has several variants (a grid), its row is the variant with the best mean VALIDATION score.
+  Where a method has several variants (a grid), its row is the variant with the best mean VALIDATION score among
+  its variants run on the most seeds.
 - ``kd1_ablation`` — the KD1 temperature × alpha grid of eval means.
 - ``significance`` — each method and each grid cell vs B0, the other KD methods vs KD1, paired by seed
   (:func:`kdexp.analysis.stats.compare`), Holm-adjusted within each family; ``benchmarks`` — size, latency,
@@ -213,7 +214,7 @@ def _label(method: str, params: dict, digits: int | None) -> str:
 def _protocol_note(protocol: str, manifests: dict) -> str:
     if protocol == "sweep":
         return ("plain sweep: every grid cell trained once per seed, no tuning; a method's row is its variant with "
-                "the best mean validation score; all numbers are eval-split")
+                "the best mean validation score among those run on the most seeds; all numbers are eval-split")
     specs = sorted({f"{m.get('trials')} Optuna trial(s) per method on validation, best config re-run with seeds "
                     f"{m.get('seeds')}" for m in manifests.values()})
     edges = sorted({f"{method}: {edge}" for m in manifests.values() for method, best in m.get("best", {}).items()

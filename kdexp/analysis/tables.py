@@ -89,12 +89,17 @@ class Group:
     def first_run(self):
         return next(iter(next(iter(self.variants.values())).runs.values()))
 
+    def candidates(self, method: str) -> list[Variant]:
+        """The method's variants run on its largest number of seeds: a cell with fewer seeds has a noisier mean, so
+        it would win the selection by chance more often, and its missing seeds could not be paired."""
+        cells = [v for v in self.variants.values() if v.method == method]
+        most = max(len(v.runs) for v in cells)
+        return [v for v in cells if len(v.runs) == most]
+
     def selected(self) -> dict[str, Variant]:
-        """Per method, the variant with the best mean validation score (selection never looks at eval)."""
-        best: dict[str, Variant] = {}
-        for v in self.variants.values():
-            if v.method not in best or v.stats("validation_value")[0] > best[v.method].stats("validation_value")[0]:
-                best[v.method] = v
+        """Per method, the candidate variant with the best mean validation score (selection never looks at eval)."""
+        best = {m: max(self.candidates(m), key=lambda v: v.stats("validation_value")[0])
+                for m in {v.method for v in self.variants.values()}}
         return dict(sorted(best.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])))
 
     def teacher(self) -> tuple[float, float, int]:
@@ -207,7 +212,7 @@ def main_rows(g: Group) -> list[dict]:
     rows = []
     for method, v in g.selected().items():
         mean, sd, n = v.stats()
-        n_variants = sum(x.method == method for x in g.variants.values())
+        n_variants = len(g.candidates(method))
         rows.append({"method": method, "config": v.label, "params": json.dumps(v.params), "n_seeds": n,
                      "mean": mean, "sd": sd, "validation_mean": v.stats("validation_value")[0],
                      "retention_pct": 100 * mean / t_mean if t_mean else math.nan,
