@@ -18,6 +18,14 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 # Keys that say where outputs go or how to treat an existing result, not what a run computes: never part of a run
 # key, never a reason to split a report's settings.
 BOOKKEEPING_KEYS = ("output_dir", "force", "cache_dir", "logger")
+# Task keys added after content keys were in use, with their defaults: at the default a key stays out of every
+# content key (teacher, caches, run registry), so what was built before it existed is still found.
+LATER_TASK_DEFAULTS = {"validation_group": None}
+
+
+def later_task_keys(task: dict) -> dict:
+    """The keys of ``LATER_TASK_DEFAULTS`` that ``task`` (a resolved task config) sets to something else."""
+    return {k: task[k] for k, default in LATER_TASK_DEFAULTS.items() if task.get(k, default) != default}
 
 
 def register_base() -> None:

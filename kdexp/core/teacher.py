@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from transformers import TrainerCallback
 
-from kdexp.config import CONF_DIR
+from kdexp.config import CONF_DIR, later_task_keys
 from kdexp.config.schema import TeacherConfig
 from kdexp.core.artefacts import atomic_write_json, build_once, content_hash
 from kdexp.core.distributed import outside_process_group
@@ -42,11 +42,7 @@ TASK_DATA_KEYS = ("name", "source", "hub_id", "hub_config", "loader", "prompt_te
 
 def task_identity(task_cfg) -> dict:
     task = OmegaConf.to_container(task_cfg, resolve=True)
-    identity = {k: task[k] for k in TASK_DATA_KEYS}
-    # Added after keys were in use: only a set value enters the key, so the keys of random splits stay as they were.
-    if task.get("validation_group"):
-        identity["validation_group"] = task["validation_group"]
-    return identity
+    return {**{k: task[k] for k in TASK_DATA_KEYS}, **later_task_keys(task)}
 
 
 def teacher_spec(cfg) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from kdexp.config import BOOKKEEPING_KEYS
+from kdexp.config import BOOKKEEPING_KEYS, LATER_TASK_DEFAULTS, later_task_keys
 from kdexp.core.artefacts import atomic_write_json, content_hash
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ def run_key(cfg) -> str:
         container.pop(k, None)
     for k in DEFAULT_SOURCES:
         container["task"].pop(k, None)
-    if container["task"].get("validation_group") is None:  # added later: unset, the keys stay as they were
-        container["task"].pop("validation_group", None)
+    set_later = later_task_keys(container["task"])
+    container["task"] = {k: v for k, v in container["task"].items() if k not in LATER_TASK_DEFAULTS} | set_later
     return content_hash(container)
 
 
